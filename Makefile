@@ -1,0 +1,54 @@
+# The two commands of a fresh machine: `make run` (the main job) and `make test`.
+# Both set themselves up first (venv, package, data) when that is missing.
+
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(CURDIR)/$(VENV)/bin
+STAMP  := $(VENV)/.installed
+DATA   := data/FashionMNIST/raw/t10k-labels-idx1-ubyte
+MODEL  ?= cnn
+
+# One tracking store for every run of the project: pipeline train, mlflow run and the UI.
+export MLFLOW_TRACKING_URI    ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
+export MLFLOW_EXPERIMENT_NAME ?= fashion-mnist
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup run test ui lint bench bench-quick clean distclean
+
+setup: $(STAMP) $(DATA)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Debian's package is the offline source; it is installed only when no source answers.
+$(DATA): | $(STAMP)
+	$(BIN)/pipeline download || { \
+	  echo "Installing Debian's dataset-fashion-mnist package..."; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist && \
+	  $(BIN)/pipeline download; }
+
+run: setup
+	mkdir -p mlruns
+	$(BIN)/mlflow run . -P model=$(MODEL) --env-manager local --experiment-name $(MLFLOW_EXPERIMENT_NAME)
+
+test: setup
+	$(BIN)/python -m pytest
+
+ui: setup
+	mkdir -p mlruns
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests
+	$(BIN)/ruff format --check pipeline tests
+
+clean:
+	rm -rf mlruns mlflow.db outputs .pytest_cache .ruff_cache build *.egg-info
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) data

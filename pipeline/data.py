@@ -1,0 +1,238 @@
+"""Fashion-MNIST on disk: obtain it (verified, atomically) and load it into arrays.
+
+Layout is torchvision's, `DATA_DIR/FashionMNIST/raw/<name>` with the decompressed IDX
+files, so `torchvision.datasets.FashionMNIST(DATA_DIR, download=False)` reads the same
+data we train on. Files are verified by the SHA-256 of their *decompressed* content:
+mirrors (Debian's package, for one) re-gzip the originals, so digests of the .gz files
+differ from copy to copy while the content does not.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.idx import parse_idx
+
+SHA256: dict[str, str] = {
+    "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+    "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+    "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+    "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+SPLIT_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# Debian's `dataset-fashion-mnist` package installs the four .gz files here.
+SYSTEM_COPY = Path("/usr/share/datasets/fashion-mnist")
+# The same mirror list as torchvision.datasets.FashionMNIST.mirrors (not imported, to keep
+# `pipeline download` free of torch).
+TORCHVISION_MIRRORS: tuple[str, ...] = ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",)
+GET_HINT = (
+    "Get the data offline with Debian's package (`apt-get install dataset-fashion-mnist`, "
+    f"which installs {SYSTEM_COPY}), or point `pipeline download --source` at a folder or "
+    "base URL holding the four .gz files."
+)
+
+
+def raw_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "FashionMNIST" / "raw"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class Source:
+    """Somewhere the files may be. `fetch` returns a file's raw bytes, or None if absent."""
+
+    label: str
+
+    def fetch(self, name: str) -> bytes | None:
+        raise NotImplementedError
+
+
+class FolderSource(Source):
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.label = str(self.folder)
+
+    def fetch(self, name: str) -> bytes | None:
+        for candidate in (self.folder / f"{name}.gz", self.folder / name):
+            if candidate.is_file():
+                return candidate.read_bytes()
+        return None
+
+
+class UrlSource(Source):
+    def __init__(self, base_url: str, timeout: float = 30.0):
+        self.base_url = base_url if base_url.endswith("/") else base_url + "/"
+        self.label = self.base_url
+        self.timeout = timeout
+        self.failure: str | None = None
+
+    def fetch(self, name: str) -> bytes | None:
+        if self.failure:  # the host did not answer for an earlier file; don't wait again
+            return None
+        url = f"{self.base_url}{name}.gz"
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout) as response:
+                return response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            self.failure = f"HTTP {exc.code} for {url}"
+        except (urllib.error.URLError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            self.failure = f"unreachable ({reason})"
+        return None
+
+
+def make_source(spec: str, timeout: float = 30.0) -> Source:
+    if spec.startswith(("http://", "https://")):
+        return UrlSource(spec, timeout)
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise PipelineError(f"--source {spec}: no such folder (give a folder or an http(s) base URL)")
+    return FolderSource(folder)
+
+
+def default_sources(source: str | None, timeout: float = 30.0) -> list[Source]:
+    sources: list[Source] = []
+    if source:
+        sources.append(make_source(source, timeout))
+    if SYSTEM_COPY.is_dir():
+        sources.append(FolderSource(SYSTEM_COPY))
+    sources.extend(UrlSource(url, timeout) for url in TORCHVISION_MIRRORS)
+    return sources
+
+
+# --------------------------------------------------------------------------- download
+
+
+@dataclass
+class DownloadReport:
+    data_dir: Path
+    # file name -> where it came from ("already present" when nothing was fetched)
+    sources: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def already_present(self) -> bool:
+        return all(src == "already present" for src in self.sources.values())
+
+
+def _decompress(blob: bytes) -> bytes:
+    return gzip.decompress(blob) if blob[:2] == b"\x1f\x8b" else blob
+
+
+def _verified_content(name: str, blob: bytes, source: Source) -> bytes:
+    expected = SHA256[name]
+    try:
+        content = _decompress(blob)
+        actual = sha256(content)
+    except (OSError, EOFError) as exc:
+        content, actual = b"", f"unreadable gzip ({exc}); sha256 of the compressed bytes {sha256(blob)}"
+    if actual != expected:
+        raise PipelineError(
+            f"{name} from {source.label} failed verification: expected sha256 {expected}, "
+            f"got {actual}. The file is corrupt, truncated or not Fashion-MNIST; nothing was "
+            "written. Fix or remove that copy, or use another --source."
+        )
+    return content
+
+
+def _atomic_write(path: Path, content: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def is_verified(path: Path, name: str) -> bool:
+    return path.is_file() and sha256(path.read_bytes()) == SHA256[name]
+
+
+def download(data_dir: Path, sources: list[Source]) -> DownloadReport:
+    """Make sure all four files are in `data_dir`, verified; fetch the missing ones.
+
+    Each missing file is taken from the first source that has it. A source that has a
+    file but a wrong one is an error (not silently skipped): it points at a broken copy
+    the user should know about.
+    """
+    target = raw_dir(data_dir)
+    report = DownloadReport(Path(data_dir))
+    for name in SHA256:
+        path = target / name
+        if is_verified(path, name):
+            report.sources[name] = "already present"
+            continue
+        for source in sources:
+            blob = source.fetch(name)
+            if blob is None:
+                continue
+            content = _verified_content(name, blob, source)
+            target.mkdir(parents=True, exist_ok=True)
+            _atomic_write(path, content)
+            report.sources[name] = source.label
+            break
+        else:
+            tried = "\n".join(
+                f"  - {s.label}: {getattr(s, 'failure', None) or f'no {name}(.gz) there'}" for s in sources
+            )
+            raise PipelineError(f"could not find {name} in any source. Tried:\n{tried}\n{GET_HINT}")
+    return report
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split decoded into memory: images (N, 28, 28) uint8, labels (N,) int64."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    digests: dict[str, str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_split(data_dir: Path, split: str) -> Split:
+    """Decode a split from the raw IDX files once; callers slice batches from the arrays."""
+    if split not in SPLIT_FILES:
+        raise ValueError(f"unknown split {split!r}")
+    digests, arrays = {}, []
+    for name in SPLIT_FILES[split]:
+        path = raw_dir(data_dir) / name
+        if not path.is_file():
+            raise PipelineError(
+                f"Fashion-MNIST not found: {path} is missing. Run `pipeline download "
+                f"--data-dir {data_dir}` first (or set --data-dir to where the data is)."
+            )
+        content = path.read_bytes()
+        digests[name] = sha256(content)
+        arrays.append(parse_idx(content, str(path)))
+    images, labels = arrays
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise PipelineError(f"{raw_dir(data_dir)}: {split} images {images.shape} and labels {labels.shape} don't match")
+    return Split(images, labels.astype(np.int64), digests)

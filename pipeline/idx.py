@@ -1,0 +1,82 @@
+"""Read and write IDX files (the format of MNIST and Fashion-MNIST), with numpy only.
+
+Kept free of torch so the onnxruntime predictor can read the test set too.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+# IDX type codes -> numpy dtypes (big-endian on disk).
+_DTYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09}
+
+
+def parse_idx(buffer: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode one IDX payload (already decompressed) into an array, checking its header."""
+    if len(buffer) < 4 or buffer[0] != 0 or buffer[1] != 0:
+        raise PipelineError(f"{name}: not an IDX file (bad magic number)")
+    code, ndim = buffer[2], buffer[3]
+    if code not in _DTYPES or ndim == 0:
+        raise PipelineError(f"{name}: not an IDX file (type code 0x{code:02x}, {ndim} dims)")
+    header_end = 4 + 4 * ndim
+    if len(buffer) < header_end:
+        raise PipelineError(f"{name}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", buffer[4:header_end])
+    dtype = _DTYPES[code]
+    expected = int(np.prod(shape)) * dtype.itemsize
+    actual = len(buffer) - header_end
+    if actual != expected:
+        raise PipelineError(
+            f"{name}: IDX header says shape {shape} ({expected} bytes of data) "
+            f"but the file holds {actual}; it is truncated or corrupt"
+        )
+    array = np.frombuffer(buffer, dtype=dtype, offset=header_end).reshape(shape)
+    # A native-order, writable copy: torch.from_numpy warns on read-only buffers.
+    return array.astype(dtype.newbyteorder("="), copy=True)
+
+
+def read_bytes(path: Path) -> bytes:
+    """A file's content, gunzipped when it is gzip (by magic, not by name)."""
+    data = Path(path).read_bytes()
+    if data[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(data)
+        except (OSError, EOFError) as exc:
+            raise PipelineError(f"{path}: corrupt or truncated gzip file ({exc})") from None
+    return data
+
+
+def read_idx(path: Path) -> np.ndarray:
+    return parse_idx(read_bytes(path), str(path))
+
+
+def encode_idx(array: np.ndarray) -> bytes:
+    array = np.asarray(array)
+    if array.dtype not in _CODES:
+        raise ValueError(f"only uint8/int8 arrays can be written, got {array.dtype}")
+    header = bytes([0, 0, _CODES[array.dtype], array.ndim])
+    return header + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool | None = None) -> Path:
+    """Write `array` as IDX; gzip it when `compress` is set or the name ends in .gz."""
+    path = Path(path)
+    payload = encode_idx(array)
+    if compress or (compress is None and path.suffix == ".gz"):
+        payload = gzip.compress(payload, mtime=0)
+    path.write_bytes(payload)
+    return path

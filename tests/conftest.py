@@ -1,0 +1,113 @@
+"""Shared fixtures: small synthetic Fashion-MNIST in the real IDX format, a throwaway
+MLflow store, and a tiny trained run that later stages (evaluate, export, predict) use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from pipeline.data import SPLIT_FILES, SYSTEM_COPY, raw_dir
+from pipeline.idx import write_idx
+
+REPO = Path(__file__).resolve().parent.parent
+REAL_DATA_DIR = Path(os.environ.get("PIPELINE_DATA_DIR", REPO / "data"))
+
+
+def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Noise plus a bright 6x6 block whose position encodes the label: learnable in a few steps."""
+    images = rng.integers(0, 60, size=(len(labels), 28, 28), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        row, col = 2 + 8 * (label // 4), 2 + 6 * (label % 4)
+        images[i, row : row + 6, col : col + 6] = 255
+    return images
+
+
+def write_synthetic_dataset(
+    data_dir: Path, n_train: int = 600, n_test: int = 200, seed: int = 0, compress: bool = False
+) -> Path:
+    rng = np.random.default_rng(seed)
+    folder = raw_dir(data_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        labels = np.arange(n, dtype=np.uint8) % 10
+        rng.shuffle(labels)
+        images_name, labels_name = SPLIT_FILES[split]
+        suffix = ".gz" if compress else ""
+        write_idx(folder / f"{images_name}{suffix}", synthetic_images(labels, rng))
+        write_idx(folder / f"{labels_name}{suffix}", labels)
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def synthetic_data_dir(tmp_path_factory) -> Path:
+    return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"))
+
+
+@pytest.fixture
+def tracking_store(tmp_path, monkeypatch) -> str:
+    """Every MLflow call in the test goes to a fresh sqlite store under tmp_path."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    (tmp_path / "mlruns").mkdir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
+    mlflow.set_tracking_uri(uri)  # mlflow caches the URI a previous test set
+    return uri
+
+
+@pytest.fixture(scope="session")
+def session_store(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("session_mlruns")
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def trained_run(synthetic_data_dir, session_store) -> dict:
+    """A tiny CNN trained on the synthetic data and logged through the real CLI.
+
+    Returns the run id, store URI and data dir. Tests that use it must set
+    MLFLOW_TRACKING_URI to `store` (use the `use_trained_run` fixture).
+    """
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    env = {"MLFLOW_TRACKING_URI": session_store, "MLFLOW_EXPERIMENT_NAME": "tests", "MLFLOW_RUN_ID": None}
+    result = CliRunner().invoke(
+        cli,
+        ["train", "--model", "cnn", "--epochs", "3", "--data-dir", str(synthetic_data_dir)],
+        env=env,
+    )
+    assert result.exit_code == 0, result.output
+    run_id = result.output.split("Run id:")[1].split()[0]
+    return {"run_id": run_id, "store": session_store, "data_dir": synthetic_data_dir}
+
+
+@pytest.fixture
+def use_trained_run(trained_run, monkeypatch) -> dict:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_run["store"])
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    mlflow.set_tracking_uri(trained_run["store"])
+    return trained_run
+
+
+def real_data_available() -> bool:
+    return all((raw_dir(REAL_DATA_DIR) / name).is_file() for pair in SPLIT_FILES.values() for name in pair)
+
+
+@pytest.fixture(scope="session")
+def real_data_dir() -> Path:
+    """The real Fashion-MNIST. `make test` obtains it first, so a missing copy is a failure,
+    not a skip: a test that silently skipped would prove nothing."""
+    if not real_data_available():
+        pytest.fail(
+            f"real Fashion-MNIST not in {REAL_DATA_DIR}; run `make setup` (or `pipeline download`). "
+            f"Debian's copy: {SYSTEM_COPY}"
+        )
+    return REAL_DATA_DIR

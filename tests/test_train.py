@@ -1,0 +1,96 @@
+"""Training on synthetic IDX data: learning, reproducibility, the fixed evaluation, callbacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.evaluate import compute_logits
+from pipeline.train import TrainCallback, TrainConfig, shuffled_batches, train
+
+
+class Recorder(TrainCallback):
+    def __init__(self):
+        self.events = []
+
+    def on_train_start(self, params):
+        self.events.append(("start", params))
+
+    def on_log(self, step, metrics):
+        self.events.append(("log", step, metrics))
+
+    def on_epoch_end(self, epoch, step, metrics):
+        self.events.append(("epoch", epoch, step, metrics))
+
+    def on_train_end(self, result):
+        self.events.append(("end", result))
+
+
+@pytest.mark.parametrize("model", ["dnn", "cnn"])
+def test_train_learns_synthetic_data(synthetic_data_dir, model):
+    result = train(TrainConfig(model=model, epochs=3, batch_size=50, data_dir=synthetic_data_dir, device="cpu"))
+    assert result.metrics["test_accuracy"] >= 0.9  # chance is 0.1
+    assert result.metrics["steps"] == 3 * 600 // 50
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.example_input.shape == (2, 1, 28, 28)
+
+
+def test_same_seed_same_result_different_seed_differs(synthetic_data_dir):
+    def run(seed):
+        r = train(TrainConfig(model="cnn", max_steps=8, batch_size=32, seed=seed, data_dir=synthetic_data_dir))
+        return r.metrics["test_loss"], r.model.fc3.weight.detach().clone()
+
+    (loss_a, w_a), (loss_b, w_b), (_, w_c) = run(0), run(0), run(1)
+    assert loss_a == loss_b and torch.equal(w_a, w_b)
+    assert not torch.equal(w_a, w_c)
+
+
+def test_max_steps_stops_and_evaluates_once(synthetic_data_dir):
+    recorder = Recorder()
+    result = train(
+        TrainConfig(model="dnn", max_steps=5, batch_size=10, log_every=2, data_dir=synthetic_data_dir), [recorder]
+    )
+    kinds = [e[0] for e in recorder.events]
+    assert kinds == ["start", "log", "log", "epoch", "end"]
+    assert result.metrics["steps"] == 5 and len(result.history) == 1
+    params = recorder.events[0][1]
+    assert params["model"] == "dnn" and params["seed"] == 0 and params["device"] == "cpu"
+    assert params["torch_version"] == torch.__version__
+    assert params["sha256_train-images-idx3-ubyte"] and len(params["class_names"]) == 10
+
+
+def test_evaluation_is_in_eval_mode_and_deterministic(synthetic_data_dir):
+    # Dropout on (the chapter's evaluation) would make two passes differ.
+    result = train(TrainConfig(model="cnn", max_steps=3, data_dir=synthetic_data_dir))
+    model = result.model.train()
+    x = torch.rand(16, 1, 28, 28)
+    assert torch.equal(compute_logits(model, x, 16), compute_logits(model, x, 16))
+    # Batch statistics (train-mode BatchNorm) would make the answer depend on the batch size.
+    assert torch.allclose(compute_logits(model, x, 5), compute_logits(model, x, 16), atol=1e-5)
+    with torch.no_grad():
+        assert not torch.equal(model(x), model(x))  # the same model in train mode is not deterministic
+    assert model.training  # the caller's mode is restored
+
+
+def test_batches_are_shuffled_cover_everything_and_change_per_epoch():
+    generator = torch.Generator().manual_seed(0)
+    first = shuffled_batches(1000, 100, generator, steps=10)
+    second = shuffled_batches(1000, 100, generator, steps=10)
+    assert [len(b) for b in first] == [100] * 10
+    assert torch.equal(torch.cat(first).sort().values, torch.arange(1000))
+    assert not torch.equal(torch.cat(first), torch.arange(1000))  # not the file order
+    assert not torch.equal(torch.cat(first), torch.cat(second))  # a new order each epoch
+    assert len(shuffled_batches(1050, 100, generator, steps=99)) == 11  # the last, partial batch is kept
+
+
+@pytest.mark.parametrize(("field", "value"), [("epochs", 0), ("batch_size", 0), ("max_steps", 0), ("lr", -1.0)])
+def test_config_rejects_nonsense(field, value):
+    with pytest.raises(PipelineError, match=field):
+        TrainConfig(**{field: value})
+
+
+def test_unknown_model_fails_before_loading_data(tmp_path):
+    with pytest.raises(PipelineError, match="known models"):
+        train(TrainConfig(model="vgg", data_dir=tmp_path))
