@@ -9,7 +9,7 @@ import time
 
 from tqdm import tqdm
 
-from pipeline.train import TrainCallback
+from pipeline.callbacks import TrainCallback
 
 
 class ProgressBar(TrainCallback):

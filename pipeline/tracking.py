@@ -13,14 +13,17 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow.entities import RunStatus
 
+from pipeline.callbacks import TrainCallback
 from pipeline.config import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, project_root
 from pipeline.errors import PipelineError
-from pipeline.train import TrainCallback, TrainResult
+
+if TYPE_CHECKING:
+    from pipeline.train import TrainResult
 
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 MODEL_NAME = "model"  # the name of the torch model logged with mlflow.pytorch.log_model

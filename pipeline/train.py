@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.callbacks import TrainCallback
 from pipeline.config import CLASS_NAMES, default_data_dir
 from pipeline.data import load_split
 from pipeline.errors import PipelineError
@@ -47,24 +48,6 @@ class TrainConfig:
             raise PipelineError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.lr <= 0:
             raise PipelineError(f"lr must be positive, got {self.lr}")
-
-
-class TrainCallback:
-    """Hooks `train` calls; override what you need. All are no-ops here."""
-
-    def on_train_start(self, params: dict[str, Any]) -> None: ...
-
-    def on_epoch_start(self, epoch: int, steps_in_epoch: int) -> None: ...
-
-    def on_step(self, step: int, loss: float, images: int) -> None:
-        """After every optimizer step; `images` is the batch size just trained on."""
-
-    def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        """Every `log_every` steps, with the mean training loss since the last call."""
-
-    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None: ...
-
-    def on_train_end(self, result: TrainResult) -> None: ...
 
 
 @dataclass

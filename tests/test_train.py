@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.callbacks import TrainCallback
 from pipeline.errors import PipelineError
 from pipeline.evaluate import compute_logits
-from pipeline.train import TrainCallback, TrainConfig, shuffled_batches, train
+from pipeline.train import TrainConfig, shuffled_batches, train
 
 
 class Recorder(TrainCallback):

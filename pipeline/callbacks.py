@@ -1,0 +1,27 @@
+"""The training callback protocol, kept free of torch so tracking code can implement it
+without importing torch (the onnxruntime predictor shares the tracking module)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.train import TrainResult
+
+
+class TrainCallback:
+    """Hooks `train` calls; override what you need. All are no-ops here."""
+
+    def on_train_start(self, params: dict[str, Any]) -> None: ...
+
+    def on_epoch_start(self, epoch: int, steps_in_epoch: int) -> None: ...
+
+    def on_step(self, step: int, loss: float, images: int) -> None:
+        """After every optimizer step; `images` is the batch size just trained on."""
+
+    def on_log(self, step: int, metrics: dict[str, float]) -> None:
+        """Every `log_every` steps, with the mean training loss since the last call."""
+
+    def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, result: TrainResult) -> None: ...
