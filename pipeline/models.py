@@ -33,12 +33,16 @@ def register(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
     return add
 
 
+def model_class(name: str) -> type[nn.Module]:
+    if name not in MODELS:
+        raise PipelineError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
+    return MODELS[name]
+
+
 def build_model(
     name: str, input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: int = len(CLASS_NAMES)
 ) -> nn.Module:
-    if name not in MODELS:
-        raise PipelineError(f"unknown model {name!r}; known models: {', '.join(sorted(MODELS))}")
-    return MODELS[name](input_shape=input_shape, num_classes=num_classes)
+    return model_class(name)(input_shape=input_shape, num_classes=num_classes)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -1,0 +1,53 @@
+"""End to end on the real data: `mlflow run .` as a user runs it, checked in the store."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from pipeline import tracking
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.real_data
+@pytest.mark.slow
+def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
+    # Create the experiment ourselves so its artifacts land beside the temp store, not in
+    # the repo's mlruns/ (mlflow run would default to ./mlruns relative to the cwd).
+    tracking.configure("e2e")
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PIPELINE_DATA_DIR": str(real_data_dir),
+    }
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(name, None)
+    completed = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name", "e2e",
+         "-P", "model=cnn", "-P", "max_steps=30"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    runs = mlflow.search_runs(experiment_names=["e2e"])
+    assert len(runs) == 1
+    run = mlflow.get_run(runs.run_id[0])
+    assert run.info.status == "FINISHED"
+    params, metrics = run.data.params, run.data.metrics
+    assert params["model"] == "cnn" and params["max_steps"] == "30" and params["total_steps"] == "30"
+    assert params["sha256_train-images-idx3-ubyte"] == (
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
+    )
+    assert metrics["steps"] == 30 and 0.5 < metrics["test_accuracy"] <= 1.0  # 30 steps already beat chance
+    assert run.data.tags["mlflow.project.entryPoint"] == "main"
+
+    logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    assert any(m.source_run_id == run.info.run_id and m.name == tracking.MODEL_NAME for m in logged)
+    model, names = tracking.load_run_model(run.info.run_id)
+    assert type(model).__name__ == "FashionCNN" and len(names) == 10
