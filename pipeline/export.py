@@ -83,6 +83,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp makes the file private (0600); give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except OSError as exc:
         raise PipelineError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
@@ -170,6 +174,18 @@ def export_onnx(
     return save_checked(proto, path)
 
 
+def example_input(images: np.ndarray, count: int = 2) -> np.ndarray:
+    """The first `count` uint8 (N, H, W) images as model input, for MLflow's signature and example."""
+    return images[:count, None].astype(np.float32) / np.float32(255.0)
+
+
+def onnx_logits(path: Path | str, inputs: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run([ONNX_OUTPUT_NAME], {ONNX_INPUT_NAME: inputs})[0]
+
+
 # ----------------------------------------------------------------- int8
 
 
@@ -178,7 +194,7 @@ def calibration_sample(images: np.ndarray, config: QuantizeConfig = QuantizeConf
     rng = np.random.default_rng(config.seed)
     count = min(config.calibration_images, len(images))
     chosen = np.sort(rng.choice(len(images), size=count, replace=False))
-    return (images[chosen, None].astype(np.float32) / 255.0).astype(np.float32)
+    return images[chosen, None].astype(np.float32) / np.float32(255.0)
 
 
 def quantize_int8(
