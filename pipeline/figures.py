@@ -1,0 +1,277 @@
+"""Every figure the pipeline draws, with matplotlib's Agg backend (these machines have no display).
+
+Functions build and return a `Figure` from plain arrays and DataFrames; `save_figure`
+writes it atomically. Figures are made with the object API (no pyplot state), so they
+can be drawn from any thread and never pop up a window.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.ticker  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+CORRECT_COLOR = "#1a7f37"
+WRONG_COLOR = "#cf222e"
+NOISE_COLOR = "#8c959f"
+
+
+def save_figure(fig: Figure, path: Path, dpi: int = 110) -> Path:
+    """Write a PNG via a temporary name in the same folder, so no half-written file is left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.part")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _heatmap(ax, values: np.ndarray, class_names: Sequence[str], fmt, title: str, vmax: float) -> None:
+    image = ax.imshow(values, cmap="Blues", vmin=0, vmax=vmax)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, labels=class_names, rotation=40, ha="right", rotation_mode="anchor")
+    ax.set_yticks(ticks, labels=class_names)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    ax.set_title(title)
+    for (row, col), value in np.ndenumerate(values):
+        if value == 0:
+            continue  # empty cells stay blank, so the mistakes stand out
+        dark = value > 0.55 * vmax
+        ax.text(col, row, fmt(value), ha="center", va="center", fontsize=7.5, color="white" if dark else "black")
+    ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+
+
+def confusion_matrix_figure(confusion: np.ndarray, class_names: Sequence[str], subtitle: str = "") -> Figure:
+    """Counts (left) and the same rows as percentages (right): row i is where class i went."""
+    confusion = np.asarray(confusion)
+    support = confusion.sum(axis=1, keepdims=True)
+    normalised = np.divide(confusion, support, out=np.zeros(confusion.shape), where=support > 0)
+    fig = Figure(figsize=(17, 7.5), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    _heatmap(left, confusion, class_names, lambda v: f"{int(v)}", "counts", vmax=max(float(confusion.max()), 1.0))
+    # Percent with one decimal: a single image in a class of 1,000 still shows (0.1).
+    _heatmap(right, 100 * normalised, class_names, lambda v: f"{v:.1f}", "% of each true class (rows sum to 100)", 100)
+    fig.suptitle(f"Confusion matrix on {int(confusion.sum()):,} test images{subtitle}", fontsize=13)
+    return fig
+
+
+def _image_grid(
+    images: np.ndarray,
+    captions: Sequence[str],
+    colors: Sequence[str],
+    columns: int,
+    title: str,
+    footer: str,
+    cell_inches: float = 2.0,
+) -> Figure:
+    rows = max(1, -(-len(images) // columns))
+    fig = Figure(figsize=(columns * cell_inches, rows * (cell_inches + 0.45)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for ax, image, caption, color in zip(axes, images, captions, colors, strict=False):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.set_title(caption, fontsize=8.5, color=color)
+    fig.suptitle(title, fontsize=12)
+    fig.supxlabel(footer, fontsize=9)
+    return fig
+
+
+def confidence(probability: float) -> str:
+    # Rounded to 100 % it would read as certainty, which a softmax never reaches.
+    return ">99.9%" if probability > 0.999 else f"{probability:.1%}"
+
+
+def misclassified_figure(
+    images: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    probabilities: np.ndarray,
+    indices: np.ndarray,
+    class_names: Sequence[str],
+    columns: int = 6,
+    subtitle: str = "",
+) -> Figure:
+    """The given test images (the most confident mistakes), each with true and predicted label."""
+    indices = np.asarray(indices, dtype=np.int64)
+    captions = [
+        f"#{i}  true: {class_names[labels[i]]}\npred: {class_names[predictions[i]]} "
+        f"({confidence(probabilities[i, predictions[i]])})"
+        for i in indices
+    ]
+    if len(indices) == 0:
+        fig = Figure(figsize=(6, 2), layout="constrained")
+        ax = fig.subplots()
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+        fig.suptitle(f"Most confident mistakes{subtitle}")
+        return fig
+    return _image_grid(
+        images[indices],
+        captions,
+        [WRONG_COLOR] * len(indices),
+        columns,
+        f"The {len(indices)} most confident mistakes{subtitle}",
+        "#test index, true label, predicted label (model's probability for it)",
+    )
+
+
+def samples_figure(
+    images: np.ndarray,
+    labels: np.ndarray,
+    predictions: np.ndarray,
+    indices: np.ndarray,
+    class_names: Sequence[str],
+    columns: int = 4,
+    subtitle: str = "",
+) -> Figure:
+    """Random test images, as in the chapter's listing 5-5, with the model's answer under each."""
+    indices = np.asarray(indices, dtype=np.int64)
+    captions, colors = [], []
+    for i in indices:
+        right = predictions[i] == labels[i]
+        verdict = "right" if right else "WRONG"
+        captions.append(f"true: {class_names[labels[i]]}\npred: {class_names[predictions[i]]} ({verdict})")
+        colors.append(CORRECT_COLOR if right else WRONG_COLOR)
+    correct = int(sum(predictions[i] == labels[i] for i in indices))
+    return _image_grid(
+        images[indices],
+        captions,
+        colors,
+        columns,
+        f"{len(indices)} random test images: {correct} predicted right{subtitle}",
+        "green: prediction right, red: wrong",
+        cell_inches=2.1,
+    )
+
+
+# Which logged series go on which panel of the training curves, and how each is drawn.
+LOSS_SERIES = {
+    "train_loss_step": {"label": "train loss (mean since the previous point)", "lw": 1.0, "alpha": 0.55, "color": "C0"},
+    "train_loss": {"label": "train loss (epoch mean)", "marker": "o", "lw": 1.6, "color": "C1"},
+    "test_loss": {"label": "test loss", "marker": "s", "lw": 1.6, "color": "C2"},
+}
+ACCURACY_SERIES = {"test_accuracy": {"label": "test accuracy", "marker": "s", "lw": 1.6, "color": "C2"}}
+
+
+def training_curves_figure(history: pd.DataFrame, subtitle: str = "") -> Figure:
+    """Loss and accuracy against optimizer step; `history` has columns key, step, value."""
+    # One point per (series, step): train logs its final train_loss twice and `evaluate`
+    # re-logs test_accuracy at the last step; the first value logged is the training one.
+    if "timestamp" in history:
+        history = history.sort_values("timestamp", kind="stable")
+    history = history.drop_duplicates(["key", "step"], keep="first")
+    fig = Figure(figsize=(13, 4.8), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2, sharex=True)
+    for ax, series in ((loss_ax, LOSS_SERIES), (acc_ax, ACCURACY_SERIES)):
+        for key, style in series.items():
+            points = history[history["key"] == key].sort_values("step")
+            if not points.empty:
+                ax.plot(points["step"], points["value"], **style)
+        ax.set_xlabel("optimizer step")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=9)
+        else:
+            ax.text(0.5, 0.5, "not logged by this run", ha="center", va="center", transform=ax.transAxes)
+    loss_ax.set_ylabel("cross-entropy loss")
+    loss_ax.set_title("loss")
+    acc_ax.set_ylabel("accuracy")
+    acc_ax.set_title("test accuracy (after each epoch)")
+    acc_ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0, decimals=1))
+    for line in acc_ax.lines:
+        for x, y in zip(line.get_xdata(), line.get_ydata(), strict=True):
+            acc_ax.annotate(f"{y:.1%}", (x, y), textcoords="offset points", xytext=(0, 7), ha="center", fontsize=8)
+    acc_ax.margins(y=0.15)
+    low, high = acc_ax.get_ylim()
+    acc_ax.set_ylim(max(low, 0.0), min(high, 1.02))  # the headroom for labels never runs past 100 %
+    fig.suptitle(f"Training curves{subtitle}", fontsize=13)
+    return fig
+
+
+def per_class_comparison_figure(
+    accuracy: pd.DataFrame, deltas: pd.DataFrame | None = None, margins: pd.DataFrame | None = None
+) -> Figure:
+    """Grouped bars of per-class accuracy (rows: classes, columns: runs), and the deltas.
+
+    `deltas` (same rows, one column per compared run) draws a second panel in percentage
+    points; `margins` (same shape) adds each delta's approximate 95 % noise margin.
+    """
+    classes = list(accuracy.index)
+    runs = list(accuracy.columns)
+    panels = 2 if deltas is not None and not deltas.empty else 1
+    fig = Figure(figsize=(max(11, 1.1 * len(classes) * max(1, len(runs) / 2)), 5.2 * panels), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(panels, 1))
+    x = np.arange(len(classes))
+    width = 0.8 / max(len(runs), 1)
+    ax = axes[0]
+    for i, run in enumerate(runs):
+        values = accuracy[run].to_numpy(dtype=float)
+        bars = ax.bar(x + (i - (len(runs) - 1) / 2) * width, values, width, label=run, color=f"C{i}")
+        ax.bar_label(bars, labels=[f"{v:.0%}" for v in values], fontsize=7, padding=1)
+    ax.set_xticks(x, labels=classes)
+    ax.set_ylim(0, 1.2)  # headroom above 100 % for the legend
+    ax.set_yticks(np.linspace(0, 1, 6))
+    ax.yaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+    ax.set_xlabel("class")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Per-class test accuracy")
+    ax.legend(loc="upper left", ncol=len(runs), fontsize=9, framealpha=0.9)
+    ax.grid(axis="y", alpha=0.3)
+    if panels == 2:
+        ax = axes[1]
+        compared = list(deltas.columns)
+        width = 0.8 / len(compared)
+        for i, column in enumerate(compared):
+            values = deltas[column].to_numpy(dtype=float) * 100
+            errors = margins[column].to_numpy(dtype=float) * 100 if margins is not None else np.zeros_like(values)
+            errors = np.nan_to_num(errors)
+            # Grey: the difference is within the noise margin, so no clear winner on that class.
+            colors = [
+                CORRECT_COLOR if v > e else WRONG_COLOR if v < -e else NOISE_COLOR
+                for v, e in zip(values, errors, strict=True)
+            ]
+            offset = (i - (len(compared) - 1) / 2) * width
+            ax.bar(x + offset, values, width, yerr=errors, capsize=3, color=colors, alpha=0.85)
+            for xi, v, e in zip(x + offset, values, errors, strict=True):
+                # Beyond the end of the error bar, so the number never sits on the whisker.
+                ax.annotate(
+                    f"{v:+.1f}",
+                    (xi, v + e if v >= 0 else v - e),
+                    xytext=(0, 3 if v >= 0 else -3),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom" if v >= 0 else "top",
+                    fontsize=8,
+                )
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x, labels=classes)
+        ax.set_xlabel("class")
+        ax.set_ylabel("accuracy difference (percentage points)")
+        note = (
+            " (error bars: approx. 95 % noise margin; green/red: clearly better/worse, grey: within noise)"
+            if margins is not None
+            else ""
+        )
+        ax.set_title(f"Difference per class: {', '.join(compared)}{note}")
+        ax.grid(axis="y", alpha=0.3)
+        ax.margins(y=0.15)
+    fig.suptitle("Model comparison on the test set", fontsize=13)
+    return fig
