@@ -1,0 +1,505 @@
+"""`pipeline predict`: onnxruntime batch prediction over images, folders, arrays and IDX files.
+
+The model is the session's tiny trained CNN exported by the real exporter (`trained_onnx`);
+torch appears here only to make fixtures and to compute the reference answers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import cli
+from pipeline.data import SPLIT_FILES, load_split, raw_dir
+from pipeline.errors import PipelineError
+from pipeline.idx import write_idx
+from pipeline.predict import (
+    Failure,
+    Images,
+    PredictConfig,
+    Predictor,
+    image_to_array,
+    iter_batches,
+    predict,
+    result_columns,
+)
+
+TEST_IMAGES = SPLIT_FILES["test"][0]
+
+
+def run_predict(*args: str, stdin: str | None = None):
+    return CliRunner().invoke(cli, ["predict", *map(str, args)], input=stdin)
+
+
+def read_table(path: Path | io.StringIO, fmt: str | None = None) -> pd.DataFrame:
+    """Any of the three formats, with nullable dtypes so empty cells read back as <NA>."""
+    fmt = fmt or Path(path).suffix.lstrip(".")
+    if fmt == "parquet":
+        return pd.read_parquet(path, dtype_backend="numpy_nullable")
+    if fmt == "jsonl":
+        return pd.read_json(path, lines=True, dtype_backend="numpy_nullable")
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype_backend="numpy_nullable")
+
+
+def row_key(source: str, index) -> str:
+    return Path(source).name + ("" if pd.isna(index) else f"#{int(index)}")
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_onnx) -> Predictor:
+    return Predictor(trained_onnx)
+
+
+@pytest.fixture(scope="module")
+def test_split(trained_run):
+    return load_split(trained_run["data_dir"], "test")
+
+
+@pytest.fixture(scope="module")
+def torch_logits(trained_run, test_split) -> np.ndarray:
+    """The evaluate stage's answer: the torch model's logits through compute_logits."""
+    from pipeline import tracking
+    from pipeline.evaluate import compute_logits, images_to_tensor
+
+    mlflow.set_tracking_uri(trained_run["store"])
+    model, _ = tracking.load_run_model(trained_run["run_id"])
+    return compute_logits(model, images_to_tensor(test_split.images), batch_size=64).numpy()
+
+
+# --------------------------------------------------------------------------- torch-free, instant help
+
+
+def test_predictor_never_imports_torch(trained_onnx, trained_run, tmp_path):
+    png = tmp_path / "one.png"
+    Image.fromarray(load_split(trained_run["data_dir"], "test").images[0]).save(png)
+    idx = raw_dir(trained_run["data_dir"]) / TEST_IMAGES
+    code = (
+        "import io, sys\n"
+        "from pipeline.predict import Predictor, predict\n"
+        f"p = Predictor({str(trained_onnx)!r})\n"
+        f"s = predict(p, [{str(idx)!r}, {str(png)!r}], stdout=io.StringIO())\n"
+        "assert s.predicted == 201, s\n"
+        "heavy = [m for m in ('torch', 'mlflow', 'torchvision') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_predict_help_imports_nothing_heavy():
+    code = (
+        "import sys\nfrom pipeline.cli import cli\n"
+        "try:\n    cli(['predict', '--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
+        "heavy = [m for m in ('torch', 'mlflow', 'onnxruntime', 'pandas', 'PIL') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "--top-k" in out and "--invert" in out
+
+
+# --------------------------------------------------------------------------- correctness
+
+
+def test_idx_prediction_matches_the_evaluate_stage(trained_run, trained_onnx, torch_logits, test_split, tmp_path):
+    out = tmp_path / "pred.parquet"
+    idx = raw_dir(trained_run["data_dir"]) / TEST_IMAGES
+    result = run_predict("--model", trained_onnx, "-o", out, "--batch-size", "64", idx)
+    assert result.exit_code == 0, result.output
+    table = read_table(out)
+    labels = test_split.labels
+    assert len(table) == len(labels) == 200
+    assert table["index"].tolist() == list(range(200)) and table["error"].isna().all()
+
+    torch_accuracy = (torch_logits.argmax(1) == labels).mean()
+    onnx_accuracy = (table["predicted_id"].to_numpy() == labels).mean()
+    assert torch_accuracy > 0.5  # a model that learned something, so agreement means something
+    assert onnx_accuracy == torch_accuracy
+    shifted = np.exp(torch_logits - torch_logits.max(1, keepdims=True))
+    torch_confidence = (shifted / shifted.sum(1, keepdims=True)).max(1)
+    np.testing.assert_allclose(table["confidence"], torch_confidence, atol=1e-4)
+    # Top-1 repeats the prediction; top-k is sorted.
+    assert (table["top1_class"] == table["predicted_class"]).all()
+    assert (table["top1_prob"] >= table["top2_prob"]).all() and (table["top2_prob"] >= table["top3_prob"]).all()
+    assert "Read 200 images: 200 predicted, 0 failed" in result.output and "images/s" in result.output
+
+
+def test_gzipped_idx_and_array_path_agree(trained_onnx, predictor, torch_logits, test_split, tmp_path):
+    write_idx(tmp_path / "images.idx.gz", test_split.images)
+    stdout = io.StringIO()
+    summary = predict(predictor, [str(tmp_path / "images.idx.gz")], None, PredictConfig(batch_size=7), stdout=stdout)
+    table = read_table(io.StringIO(stdout.getvalue()), "csv")
+    assert summary.predicted == 200 and summary.failed == 0
+    # The benchmark's array path gives the same logits as torch, batch size regardless.
+    logits = predictor.predict_arrays(test_split.images, batch_size=33)
+    np.testing.assert_allclose(logits, torch_logits, atol=1e-4)
+    assert (table["predicted_id"].to_numpy() == logits.argmax(1)).all()
+
+
+def test_pngs_give_the_same_labels_as_the_arrays(predictor, test_split, tmp_path):
+    images = test_split.images[:40]
+    folder = tmp_path / "pngs"
+    for i, image in enumerate(images):
+        sub = folder / ("a" if i < 20 else "b/c")  # nested: folders are searched recursively
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(sub / f"{i:03d}.png")
+    (folder / "notes.txt").write_text("not an image; skipped, not an error")
+    np.save(tmp_path / "images.npy", images)
+    out_png, out_npy = tmp_path / "png.csv", tmp_path / "npy.csv"
+    assert run_predict("--model", predictor.path, "-o", out_png, folder).exit_code == 0
+    assert run_predict("--model", predictor.path, "-o", out_npy, tmp_path / "images.npy").exit_code == 0
+    from_png, from_npy = read_table(out_png), read_table(out_npy)
+    assert len(from_png) == 40 and from_png["error"].isna().all() and from_png["index"].isna().all()
+    order = from_png["source"].map(lambda s: int(Path(s).stem))
+    assert list(order) == list(range(40))  # sorted walk: a/000..019, then b/c/020..039
+    assert from_png["predicted_id"].tolist() == from_npy["predicted_id"].tolist()
+    np.testing.assert_allclose(from_png["confidence"], from_npy["confidence"], atol=1e-6)
+
+
+def test_array_layouts_and_scalings_agree(predictor, test_split, tmp_path):
+    images = test_split.images[:30]
+    np.save(tmp_path / "u8.npy", images)
+    np.save(tmp_path / "f32_nchw.npy", (images / 255.0).astype(np.float32)[:, None])
+    np.savez(tmp_path / "two.npz", first=images[:10], rest=(images[10:] / 255.0))  # float64
+    out = tmp_path / "out.jsonl"
+    result = run_predict(
+        "--model", predictor.path, "-o", out, *(tmp_path / n for n in ("u8.npy", "f32_nchw.npy", "two.npz"))
+    )
+    assert result.exit_code == 0, result.output
+    table = read_table(out)
+    expected = predictor.predict_arrays(images).argmax(1).tolist()
+    for source in ("u8.npy", "f32_nchw.npy"):
+        rows = table[table["source"].str.endswith(source)]
+        assert rows["predicted_id"].tolist() == expected and rows["index"].tolist() == list(range(30))
+    npz = table[table["source"].str.contains("two.npz")]
+    assert npz["source"].iloc[0].endswith("two.npz[first]") and npz["source"].iloc[-1].endswith("two.npz[rest]")
+    assert npz["predicted_id"].tolist() == expected
+
+
+# --------------------------------------------------------------------------- image conversion
+
+
+def test_images_are_converted_to_look_like_training_images():
+    size = (28, 28)
+    # A light, tall object on a transparent background: transparency becomes black, the
+    # margins are trimmed, and the width is padded so the 2:1 proportions survive.
+    rgba = np.zeros((60, 60, 4), dtype=np.uint8)
+    rgba[10:50, 20:40] = (200, 200, 200, 255)
+    out = image_to_array(Image.fromarray(rgba, "RGBA"), size)
+    assert out.shape == size and out.dtype == np.uint8
+    assert out[14, 14] > 150 and out[0, 14] > 150 and out[27, 14] > 150  # fills the frame's height
+    assert out[14, 0] == 0 and out[14, 27] == 0 and out[:, :5].max() == 0  # black at the sides
+    bright = np.argwhere(out > 100)
+    assert 13 <= np.ptp(bright[:, 1]) + 1 <= 15  # half as wide as tall
+
+    # A product photo: a dark square on white with an off-centre margin and a transparent strip.
+    # --invert makes it light on black; the strip must become background too (composited on
+    # white, then inverted), or the trimming would keep it and shift the object.
+    photo = np.full((100, 300, 4), 255, dtype=np.uint8)
+    photo[10:60, 200:250, :3] = 20
+    photo[:, :20, 3] = 0
+    out = image_to_array(Image.fromarray(photo, "RGBA"), size, invert=True)
+    assert out.min() > 200  # the square fills the whole frame, light on black
+
+    # Images already at the model's size are taken exactly as they are; 16-bit and palette modes.
+    noisy = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    np.testing.assert_array_equal(image_to_array(Image.fromarray(noisy), size), noisy)
+    deep = Image.fromarray(np.full((28, 28), 65535, dtype=np.uint16))
+    assert image_to_array(deep, size).min() == 255
+    palette = Image.fromarray(np.full((28, 28), 128, dtype=np.uint8)).convert("P")
+    assert image_to_array(palette, size)[5, 5] == 128
+
+
+def test_photo_like_inputs_predict_like_the_originals(predictor, test_split, tmp_path):
+    """Test images made into 'photos' (dark on light, colour, 3x bigger, an off-centre white
+    margin, JPEG or RGBA PNG) keep their labels under --invert."""
+    images = test_split.images[:20]
+    for i, image in enumerate(images):
+        garment = Image.fromarray(255 - image).resize((84, 84), Image.Resampling.NEAREST)
+        photo = Image.new("L", (160, 110), 255)
+        photo.paste(garment, (50, 6))
+        if i % 2:
+            photo.convert("RGB").save(tmp_path / f"{i:02d}.jpg", quality=95)
+        else:
+            photo.convert("RGBA").save(tmp_path / f"{i:02d}.png")
+    out = tmp_path / "photos.csv"
+    assert run_predict("--model", predictor.path, "--invert", "-o", out, tmp_path).exit_code == 0
+    table = read_table(out)
+    expected = predictor.predict_arrays(images).argmax(1)
+    assert len(table) == 20 and (table["predicted_id"].to_numpy() == expected).mean() >= 0.9
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def test_bad_inputs_get_error_rows_and_the_run_goes_on(predictor, test_split, tmp_path):
+    good = tmp_path / "good.npy"
+    np.save(good, test_split.images[:5])
+    (tmp_path / "text.png").write_text("not a png")
+    np.save(tmp_path / "shape.npy", np.zeros((3, 32, 32), dtype=np.uint8))
+    with_nan = (test_split.images[:4] / 255.0).astype(np.float32)
+    with_nan[2, 5, 5] = np.nan
+    np.save(tmp_path / "nan.npy", with_nan)
+    write_idx(tmp_path / "labels.idx", test_split.labels.astype(np.uint8))
+    truncated = tmp_path / "truncated.idx"
+    write_idx(truncated, test_split.images[:10])
+    truncated.write_bytes(truncated.read_bytes()[: -784 * 3 - 100])
+    inputs = ["text.png", "missing.png", "shape.npy", "nan.npy", "labels.idx", "truncated.idx", "good.npy"]
+    out = tmp_path / "out.csv"
+
+    result = run_predict("--model", predictor.path, "-o", out, *(tmp_path / n for n in inputs))
+    assert result.exit_code == 0, result.output
+    table = read_table(out)
+    errors = {
+        row_key(s, i): e for s, i, e in zip(table["source"], table["index"], table["error"], strict=True) if pd.notna(e)
+    }
+    assert len(errors) == 6
+    assert "not a readable image" in errors["text.png"] and "no such file" in errors["missing.png"]
+    assert "(3, 32, 32)" in errors["shape.npy"] and "expected uint8 images" in errors["labels.idx"]
+    assert "NaN" in errors["nan.npy#2"] and "truncated" in errors["truncated.idx#6"]
+    predicted = table[table["error"].isna()]
+    assert predicted["predicted_class"].notna().all()
+    assert sorted(set(predicted["source"].map(lambda s: Path(s).name))) == ["good.npy", "nan.npy", "truncated.idx"]
+    assert len(predicted) == 5 + 3 + 6
+    assert f"Read {len(table)} images: 14 predicted, 6 failed" in result.output
+
+    # --strict: the same run fails, yet the complete table is still written.
+    out.unlink()
+    result = run_predict("--model", predictor.path, "--strict", "-o", out, *(tmp_path / n for n in inputs))
+    assert result.exit_code == 1 and "--strict: 6 input(s) failed" in result.output
+    assert len(read_table(out)) == 20 and "Traceback" not in result.output
+
+
+def test_nothing_predicted_exits_non_zero(predictor, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"\x89PNG broken")
+    (tmp_path / "empty").mkdir()
+    result = run_predict("--model", predictor.path, tmp_path / "a.png", tmp_path / "b.png", tmp_path / "empty")
+    assert result.exit_code == 1 and "nothing was predicted" in result.output
+    assert "Read 3 images: 0 predicted, 3 failed" in result.output and "Traceback" not in result.output
+    assert "no image files in this folder" in result.stdout
+
+
+def junk_file(folder: Path) -> Path:
+    (folder / "junk.onnx").write_bytes(b"\x00garbage" * 50)
+    return folder / "junk.onnx"
+
+
+def tiny_onnx(path: Path, input_shape: list, metadata: dict[str, str] | None = None) -> Path:
+    """A one-node model (flatten) with the given input shape: valid ONNX, wrong contract."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["input"], ["logits"])],
+        "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, input_shape)],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    if metadata:
+        helper.set_model_props(model, metadata)
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make_model", "message"),
+    [
+        (lambda d: d / "nope.onnx", "not found"),
+        (junk_file, "not a readable ONNX model"),
+        (lambda d: tiny_onnx(d / "rgb.onnx", ["N", 3, 32, 32]), "expected float N x 1x28x28"),
+        (lambda d: tiny_onnx(d / "fixed.onnx", [1, 1, 28, 28]), "batch size is fixed at 1"),
+        (lambda d: tiny_onnx(d / "names.onnx", ["N", 1, 28, 28], {"class_names": "[1, 2"}), "not a JSON list"),
+    ],
+)
+def test_bad_models_fail_before_any_work(tmp_path, make_model, message):
+    model = make_model(tmp_path)
+    out = tmp_path / "out.csv"
+    result = run_predict("--model", model, "-o", out, "-", stdin="should/never/be/read.png\n")
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output and not out.exists() and not list(tmp_path.glob(".out.csv*"))
+
+
+def test_option_mistakes_are_clear_errors(predictor, tmp_path):
+    result = run_predict("--model", predictor.path, "--top-k", "11", "x.png")
+    assert result.exit_code == 1 and "--top-k 11: the model has 10 classes" in result.output
+    result = run_predict("--model", predictor.path, "-o", tmp_path / "out.xlsx", "x.png")
+    assert result.exit_code == 1 and "name it .csv, .parquet or .jsonl" in result.output
+    result = run_predict("--model", predictor.path, "-o", tmp_path / "no/such/dir/out.csv", "x.png")
+    assert result.exit_code == 1 and "does not exist" in result.output
+
+
+def test_a_crash_leaves_no_half_written_output(predictor, test_split, tmp_path, monkeypatch):
+    np.save(tmp_path / "many.npy", test_split.images)
+    out = tmp_path / "out.parquet"
+    out.write_bytes(b"the previous, complete table")
+    calls = []
+
+    def failing_run(batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(batch)
+
+    original = predictor.predict_logits
+    monkeypatch.setattr(predictor, "predict_logits", failing_run)
+    with pytest.raises(KeyboardInterrupt):
+        predict(predictor, [str(tmp_path / "many.npy")], out, PredictConfig(batch_size=50))
+    assert out.read_bytes() == b"the previous, complete table"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["many.npy", "out.parquet"]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def test_formats_agree_and_stdout_is_csv(predictor, test_split, tmp_path):
+    np.save(tmp_path / "x.npy", test_split.images[:12])
+    (tmp_path / "bad.png").write_text("nope")
+    inputs = [tmp_path / "bad.png", tmp_path / "x.npy"]  # an error row first: parquet's types must not depend on it
+    tables = {}
+    for ext in ("csv", "jsonl", "parquet"):
+        out = tmp_path / f"out.{ext}"
+        result = run_predict("--model", predictor.path, "--top-k", "2", "--batch-size", "5", "-o", out, *inputs)
+        assert result.exit_code == 0, result.output
+        tables[ext] = read_table(out)
+    tables["stdout"] = read_table(
+        io.StringIO(run_predict("--model", predictor.path, "--top-k", "2", *inputs).stdout), "csv"
+    )
+    for name, table in tables.items():
+        assert list(table.columns) == result_columns(2), name
+        assert len(table) == 13 and table["error"].notna().sum() == 1, name
+        assert table["predicted_id"].iloc[1:].tolist() == tables["csv"]["predicted_id"].iloc[1:].tolist(), name
+        assert table["predicted_class"].iloc[1:].tolist() == tables["csv"]["predicted_class"].iloc[1:].tolist()
+        np.testing.assert_allclose(table["top2_prob"].iloc[1:], tables["parquet"]["top2_prob"].iloc[1:], atol=1e-5)
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    broken, first = json.loads(lines[0]), json.loads(lines[1])
+    assert broken["predicted_id"] is None and broken["confidence"] is None and "not a readable image" in broken["error"]
+    assert first["index"] == 0 and first["error"] is None and isinstance(first["predicted_id"], int)
+    assert first["predicted_class"] in predictor.class_names
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(tmp_path / "out.parquet")
+    assert str(schema.field("index").type) == "int64" and str(schema.field("confidence").type) == "float"
+
+
+def test_jsonl_keeps_class_names_readable(tmp_path):
+    from pipeline.predict import TableWriter
+
+    stream = io.StringIO()
+    writer = TableWriter(stream, "jsonl", top_k=1)
+    writer.write(pd.DataFrame({"source": ["a.png"], "predicted_class": ["T-shirt/top"], "confidence": [0.1234567]}))
+    assert json.loads(stream.getvalue()) == {
+        "source": "a.png",
+        "predicted_class": "T-shirt/top",
+        "confidence": 0.123457,
+    }
+    assert "\\/" not in stream.getvalue()
+
+
+def test_paths_from_stdin(predictor, test_split, tmp_path):
+    for i in range(3):
+        Image.fromarray(test_split.images[i]).save(tmp_path / f"{i}.png")
+    listing = "".join(f"{tmp_path / f'{i}.png'}\n" for i in range(3)) + "\n"
+    result = run_predict("--model", predictor.path, "-", stdin=listing)
+    assert result.exit_code == 0, result.output
+    table = read_table(io.StringIO(result.stdout), "csv")
+    assert [Path(s).name for s in table["source"]] == ["0.png", "1.png", "2.png"]
+
+
+def test_batches_are_bounded_and_keep_input_order():
+    rng = np.random.default_rng(0)
+    items = [
+        Images("a.npy", rng.integers(0, 256, (23, 28, 28), dtype=np.uint8), 0),
+        Failure("b.png", None, "broken"),
+        Images("c.png", rng.integers(0, 256, (1, 28, 28), dtype=np.uint8), None),
+        Images("d.npy", rng.random((9, 28, 28), dtype=np.float32), 100),
+    ]
+    rows, images = [], []
+    for batch in iter_batches(iter(items), batch_size=8, image_size=(28, 28)):
+        assert len(batch.sources) <= 8 and len(batch.images) <= 8
+        assert len(batch.images) == sum(e is None for e in batch.errors)
+        rows += list(zip(batch.sources, batch.indices, batch.errors, strict=True))
+        images.append(batch.images.copy())  # the buffer is reused by the next batch
+    assert rows[:23] == [("a.npy", i, None) for i in range(23)]
+    assert rows[23:25] == [("b.png", None, "broken"), ("c.png", None, None)]
+    assert rows[25:] == [("d.npy", 100 + i, None) for i in range(9)]
+    stacked = np.concatenate(images)[:, 0]
+    np.testing.assert_array_equal(stacked[:23], items[0].images / np.float32(255))
+    np.testing.assert_array_equal(stacked[24:], items[3].images)
+
+
+# --------------------------------------------------------------------------- MLflow model URIs
+
+
+def test_model_uris_resolve_to_the_logged_onnx_model(
+    exported_onnx_uri, use_trained_run, predictor, test_split, tmp_path
+):
+    """The model `pipeline export-onnx` logged, by its three kinds of URI."""
+    version = mlflow.register_model(exported_onnx_uri, "predict-test-onnx").version
+    mlflow.MlflowClient().set_registered_model_alias("predict-test-onnx", "champion", version)
+    np.save(tmp_path / "x.npy", test_split.images[:16])
+    expected = predictor.predict_arrays(test_split.images[:16]).argmax(1).tolist()
+    run_uri = f"runs:/{use_trained_run['run_id']}/onnx_model"
+    for uri in (exported_onnx_uri, run_uri, "models:/predict-test-onnx@champion"):
+        result = run_predict("--model", uri, tmp_path / "x.npy")
+        assert result.exit_code == 0, (uri, result.output)
+        assert read_table(io.StringIO(result.stdout), "csv")["predicted_id"].tolist() == expected, uri
+
+    result = run_predict("--model", "models:/no-such-model@champion", tmp_path / "x.npy")
+    assert result.exit_code == 1 and "cannot fetch model" in result.output and "Traceback" not in result.output
+    result = run_predict("--model", f"runs:/{use_trained_run['run_id']}/model", tmp_path / "x.npy")
+    assert result.exit_code == 1 and "not an ONNX model" in result.output  # the torch model of the run
+
+
+def test_model_uri_prediction_stays_torch_free(exported_onnx_uri, use_trained_run, test_split, tmp_path):
+    """The CLI may import mlflow to resolve a URI; fetching the file must not pull in torch."""
+    np.save(tmp_path / "x.npy", test_split.images[:4])
+    code = (
+        "import sys\nfrom pipeline.cli import cli\n"
+        f"cli(['predict', '--model', {exported_onnx_uri!r}, '-o', {str(tmp_path / 'o.csv')!r}, "
+        f"{str(tmp_path / 'x.npy')!r}], standalone_mode=False)\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)  # MLFLOW_TRACKING_URI comes from use_trained_run
+    assert len(read_table(tmp_path / "o.csv")) == 4
+
+
+# --------------------------------------------------------------------------- real data
+
+
+@pytest.mark.real_data
+def test_real_test_set_matches_torch_evaluation(real_data_dir, tmp_path):
+    """A briefly trained DNN (no MLflow, 60 steps) exported and run on the real t10k IDX file."""
+    from pipeline.evaluate import compute_logits, images_to_tensor
+    from pipeline.export import export_onnx
+    from pipeline.train import TrainConfig, train
+
+    result = train(TrainConfig(model="dnn", epochs=1, max_steps=60, data_dir=real_data_dir), [])
+    model = result.model.cpu().eval()
+    path = export_onnx(model, tmp_path / "dnn.onnx", result.params["class_names"], "dnn", "test")
+    split = load_split(real_data_dir, "test")
+    torch_accuracy = (compute_logits(model, images_to_tensor(split.images)).argmax(1).numpy() == split.labels).mean()
+
+    out = tmp_path / "real.parquet"
+    cli_result = run_predict("--model", path, "-o", out, raw_dir(real_data_dir) / TEST_IMAGES)
+    assert cli_result.exit_code == 0, cli_result.output
+    table = read_table(out)
+    assert len(table) == 10_000 and table["error"].isna().all()
+    onnx_accuracy = (table["predicted_id"].to_numpy() == split.labels).mean()
+    assert torch_accuracy > 0.6
+    # float32 kernels differ; at most a couple of near-ties may flip among 10,000 images.
+    assert abs(onnx_accuracy - torch_accuracy) <= 2e-4
+    assert set(table["predicted_class"]) <= set(result.params["class_names"])
+
+
+def test_predictor_rejects_a_folder_without_one_onnx_file(tmp_path):
+    with pytest.raises(PipelineError, match="expected one .onnx file"):
+        Predictor(tmp_path)
