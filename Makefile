@@ -42,6 +42,13 @@ ui: setup
 	mkdir -p mlruns
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
 
+# Full mode: every measurement plus a real 5-epoch `mlflow run`, about 15 minutes.
+bench: setup
+	$(BIN)/pipeline bench
+
+bench-quick: setup
+	$(BIN)/pipeline bench --quick
+
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/ruff format --check pipeline tests

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +43,13 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+def connect() -> str:
+    """Point mlflow at the store only, for commands that read runs (no experiment is created)."""
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def configure(experiment: str | None = None) -> str:
     """Point mlflow at the project store (or MLFLOW_TRACKING_URI) and pick the experiment."""
     uri = tracking_uri()
@@ -72,7 +79,8 @@ def run(
     """Start or resume a run; it ends FINISHED, FAILED (error) or KILLED (Ctrl-C), never RUNNING."""
     configure(experiment)
     if run_id:
-        ensure_run(run_id)
+        # start_run refuses to resume a run outside the active experiment, so follow the run.
+        mlflow.set_experiment(experiment_id=ensure_run(run_id).info.experiment_id)
     active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
     try:
         yield active
@@ -163,6 +171,118 @@ def load_run_model(run_id: str) -> tuple[Any, list[str]]:
         return load_checkpoint(download_artifact(run_id, CHECKPOINT_ARTIFACT, Path(tmp)))
 
 
+def download_onnx_model(model_uri: str, dst: Path) -> Path:
+    """The .onnx file of a logged ONNX model (runs:/, models:/<name>@<alias>, models:/<id>), in dst.
+
+    Downloads the files only, never loads the pyfunc: the predictor process stays free of torch.
+    """
+    connect()
+    # A progress bar for a handful of small files would only clutter the predictor's stderr.
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        raise PipelineError(
+            f"cannot fetch model {model_uri!r} from the tracking store {tracking_uri()}: {str(exc).splitlines()[0]}"
+        ) from None
+    finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+    if local.is_file():
+        return local
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        flavors = mlflow.models.Model.load(str(mlmodel)).flavors
+        if "onnx" not in flavors:
+            raise PipelineError(
+                f"model {model_uri!r} is not an ONNX model (flavors: {', '.join(flavors)}); "
+                "export it with `pipeline export-onnx` and predict with the logged ONNX model"
+            )
+        return local / flavors["onnx"]["data"]
+    found = sorted(local.rglob("*.onnx"))
+    if len(found) != 1:
+        raise PipelineError(f"model {model_uri!r}: expected one .onnx file, found {len(found)}")
+    return found[0]
+
+
+# ----------------------------------------------------------------- evaluate / compare helpers
+
+
+def log_table(table: Any, artifact_file: str) -> None:
+    """A DataFrame as an MLflow table (a .json artifact the UI renders as a table)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        # mlflow 3.17 probes text columns with a select_dtypes call that pandas 3 deprecates.
+        warnings.filterwarnings("ignore", message="For backward compatibility, 'str' dtypes")
+        mlflow.log_table(data=table, artifact_file=artifact_file)
+
+
+def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
+    mlflow.log_artifacts(str(folder), artifact_path)
+
+
+def run_id_for_model(model_uri: str) -> str:
+    """The run that logged a model: runs:/<run_id>/..., models:/<model_id> or models:/<name>/<version>."""
+    if model_uri.startswith("runs:/"):
+        run_id = model_uri.removeprefix("runs:/").split("/")[0]
+    else:
+        try:
+            run_id = mlflow.models.get_model_info(model_uri).run_id
+        except (mlflow.exceptions.MlflowException, OSError) as exc:
+            raise PipelineError(
+                f"no model {model_uri!r} in the tracking store {tracking_uri()} ({exc}); "
+                "give runs:/<run_id>/model, models:/<model_id> or models:/<name>/<version>"
+            ) from None
+        if not run_id:
+            raise PipelineError(f"model {model_uri!r} was not logged from a run; evaluate it with --run-id instead")
+    ensure_run(run_id)
+    return run_id
+
+
+def read_csv_artifact(run_id: str, artifact_path: str) -> Any:
+    import pandas as pd
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return pd.read_csv(download_artifact(run_id, artifact_path, Path(tmp)))
+
+
+def metric_history(run_id: str, keys: Iterable[str]) -> Any:
+    """Every logged value of `keys` as a DataFrame: key, step, value, timestamp (ms)."""
+    import pandas as pd
+
+    client = mlflow.MlflowClient()
+    rows = [
+        {"key": key, "step": m.step, "value": m.value, "timestamp": m.timestamp}
+        for key in keys
+        for m in client.get_metric_history(run_id, key)
+    ]
+    return pd.DataFrame(rows, columns=["key", "step", "value", "timestamp"])
+
+
+def has_experiment(experiment: str | None = None) -> bool:
+    connect()
+    return mlflow.get_experiment_by_name(experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT) is not None
+
+
+def search_runs(experiment: str | None = None, run_ids: Iterable[str] = ()) -> Any:
+    """mlflow.search_runs as pandas: the given runs (any experiment), else all of `experiment`."""
+    connect()
+    run_ids = list(run_ids)
+    if run_ids:
+        for run_id in run_ids:
+            ensure_run(run_id)
+        quoted = ", ".join(f"'{run_id}'" for run_id in run_ids)
+        return mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.run_id IN ({quoted})")
+    name = experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+    if mlflow.get_experiment_by_name(name) is None:
+        raise PipelineError(f"no experiment {name!r} in the tracking store {tracking_uri()}; pass --experiment")
+    return mlflow.search_runs(experiment_names=[name], order_by=["attributes.start_time DESC"])
+
+
 class MlflowTrainCallback(TrainCallback):
     """Streams a training run into the active MLflow run."""
 
@@ -182,3 +302,47 @@ class MlflowTrainCallback(TrainCallback):
         )
         log_dict(result.params["class_names"], "class_names.json")
         log_dict(result.history, "history.json")
+
+
+# ----------------------------------------------------------------- ONNX export helpers
+
+ONNX_MODEL_NAMES = {"fp32": "onnx_model", "int8": "onnx_model_int8"}  # LoggedModel names in a run
+ONNX_URI_TAGS = {"fp32": "onnx_model_uri", "int8": "onnx_int8_model_uri"}  # run tags: where they went
+
+
+def log_onnx_model(path: Path, variant: str, input_example: Any, output_example: Any) -> str:
+    """Log an .onnx file with mlflow.onnx (CPU provider, signature, example) as one file; returns its URI.
+
+    The run is tagged with the URI, so `check-parity` and the predictor find the model from the run id.
+    """
+    import onnx
+    import onnxruntime
+    from mlflow.models import infer_signature
+
+    info = mlflow.onnx.log_model(
+        onnx.load_model(str(path)),
+        name=ONNX_MODEL_NAMES[variant],
+        signature=infer_signature(input_example, output_example),
+        input_example=input_example,
+        onnx_execution_providers=["CPUExecutionProvider"],
+        save_as_external_data=False,
+        # Given, not inferred: inference would load the model in a subprocess for nothing.
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+    )
+    mlflow.set_tag(ONNX_URI_TAGS[variant], info.model_uri)
+    return info.model_uri
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    mlflow.set_tags(tags)
+
+
+def run_onnx_model_uri(run_id: str, variant: str = "fp32") -> str:
+    """The URI of the ONNX model `export-onnx` logged to the run (see log_onnx_model)."""
+    model_uri = ensure_run(run_id).data.tags.get(ONNX_URI_TAGS[variant])
+    if not model_uri:
+        raise PipelineError(
+            f"run {run_id} has no logged {variant} ONNX model; run `pipeline export-onnx --run-id {run_id}` "
+            "first, or pass --onnx PATH"
+        )
+    return model_uri

@@ -88,6 +88,34 @@ def trained_run(synthetic_data_dir, session_store) -> dict:
     return {"run_id": run_id, "store": session_store, "data_dir": synthetic_data_dir}
 
 
+@pytest.fixture(scope="session")
+def trained_onnx(trained_run, tmp_path_factory) -> Path:
+    """The trained_run's CNN exported to one .onnx file by the real exporter (pipeline.export)."""
+    from pipeline import tracking
+    from pipeline.export import export_onnx
+
+    mlflow.set_tracking_uri(trained_run["store"])
+    model, class_names = tracking.load_run_model(trained_run["run_id"])
+    folder = tmp_path_factory.mktemp("onnx")
+    return export_onnx(model, folder / "cnn.onnx", class_names, "cnn", trained_run["run_id"])
+
+
+@pytest.fixture(scope="session")
+def exported_onnx_uri(trained_run) -> str:
+    """`pipeline export-onnx` run on trained_run (through the real CLI): the logged ONNX model's URI."""
+    from click.testing import CliRunner
+
+    from pipeline import tracking
+    from pipeline.cli import cli
+
+    env = {"MLFLOW_TRACKING_URI": trained_run["store"], "MLFLOW_EXPERIMENT_NAME": "tests", "MLFLOW_RUN_ID": None}
+    args = ["export-onnx", "--run-id", trained_run["run_id"], "--data-dir", str(trained_run["data_dir"])]
+    result = CliRunner().invoke(cli, args, env=env)
+    assert result.exit_code == 0, result.output
+    mlflow.set_tracking_uri(trained_run["store"])
+    return tracking.run_onnx_model_uri(trained_run["run_id"])
+
+
 @pytest.fixture
 def use_trained_run(trained_run, monkeypatch) -> dict:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_run["store"])

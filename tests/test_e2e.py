@@ -29,9 +29,26 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(name, None)
     completed = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", str(REPO), "--env-manager", "local", "--experiment-name", "e2e",
-         "-P", "model=cnn", "-P", "max_steps=30"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "run",
+            str(REPO),
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "e2e",
+            "-P",
+            "model=cnn",
+            "-P",
+            "max_steps=30",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
@@ -46,6 +63,14 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
     )
     assert metrics["steps"] == 30 and 0.5 < metrics["test_accuracy"] <= 1.0  # 30 steps already beat chance
     assert run.data.tags["mlflow.project.entryPoint"] == "main"
+
+    # evaluate and export-onnx ran inside the same run, and parity passed.
+    assert "test_accuracy_ankle_boot" in metrics and "test_macro_f1" in metrics
+    assert metrics["parity_argmax_agreement"] == 1.0 and metrics["parity_max_abs_diff"] <= 1e-4
+    assert metrics["onnx_test_accuracy"] == metrics["test_accuracy"]
+    assert run.data.tags["parity"] == "passed"
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)}
+    assert {"per_class.csv", "confusion_matrix.png", "parity.json"} <= artifacts
 
     logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
     assert any(m.source_run_id == run.info.run_id and m.name == tracking.MODEL_NAME for m in logged)
