@@ -112,11 +112,12 @@ def download(data_dir: Path, source: str | None, timeout: float) -> None:
 @click.option("--log-every", type=int, default=50, help="Log the mean training loss every N steps.")
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
-    help="bf16 runs forward/backward under bfloat16 autocast (weights stay fp32).",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    help="bf16 runs forward/backward under bfloat16 autocast (weights stay fp32); auto picks bf16 where "
+    "the CPU or GPU computes it natively, else fp32.",
 )
-@click.option("--channels-last/--no-channels-last", default=False, help="NHWC memory layout for conv layers.")
+@click.option("--channels-last/--no-channels-last", default=True, help="NHWC memory layout for conv layers.")
 @data_dir_option
 @click.option(
     "--experiment", default=None, help="MLflow experiment.  [default: $MLFLOW_EXPERIMENT_NAME or fashion-mnist]"

@@ -36,13 +36,16 @@ class TrainConfig:
     data_dir: Path = field(default_factory=default_data_dir)
     max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
     device: str = "auto"  # auto | cpu | cuda
-    eval_batch_size: int = 1000  # evaluation has no backward pass, so larger batches are cheaper
+    # Measured (`pipeline bench`): 100-200 images per pass stay in cache; 1,000 is ~1.5x slower.
+    eval_batch_size: int = 200
     log_every: int = 50  # steps between loss reports to callbacks
     # Speed levers (measured by `pipeline bench`). channels_last only changes the memory layout
-    # of conv activations; bf16 runs the forward/backward matmuls and convs under CPU/GPU
-    # autocast in bfloat16, while weights and the optimizer stay float32.
-    precision: str = "fp32"  # fp32 | bf16
-    channels_last: bool = False
+    # of conv activations. bf16 runs the forward/backward matmuls and convs under autocast in
+    # bfloat16 while weights and the optimizer stay float32; "auto" uses it only where the
+    # hardware computes bf16 natively (there it roughly doubles CNN training speed at the same
+    # accuracy), and fp32 elsewhere, where emulated bf16 would be slower.
+    precision: str = "auto"  # auto | fp32 | bf16
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -53,8 +56,8 @@ class TrainConfig:
             raise PipelineError(f"max_steps must be at least 1, got {self.max_steps}")
         if self.lr <= 0:
             raise PipelineError(f"lr must be positive, got {self.lr}")
-        if self.precision not in ("fp32", "bf16"):
-            raise PipelineError(f"precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise PipelineError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass
@@ -74,6 +77,23 @@ def resolve_device(choice: str) -> torch.device:
     if choice not in ("cpu", "cuda"):
         raise PipelineError(f"unknown device {choice!r}; use auto, cpu or cuda")
     return torch.device(choice)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 in hardware (AVX512-BF16/AMX on x86, Ampere+ GPUs)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+
+
+def resolve_precision(choice: str, device: torch.device) -> str:
+    if choice == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return choice
 
 
 def library_versions() -> dict[str, str]:
@@ -98,7 +118,9 @@ def train(config: TrainConfig, callbacks: list[TrainCallback] = ()) -> TrainResu
     model = build_model(config.model).to(device)
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # fused: one kernel for the whole Adam update instead of a few per parameter tensor.
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+    precision = resolve_precision(config.precision, device)
     shuffle = torch.Generator().manual_seed(config.seed)
 
     # Decoded once; every batch below is an index into these tensors.
@@ -114,6 +136,7 @@ def train(config: TrainConfig, callbacks: list[TrainCallback] = ()) -> TrainResu
     params = {
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "device": str(device),
+        "precision": precision,
         "optimizer": "Adam",
         "loss": "cross_entropy",
         "num_parameters": count_parameters(model),
@@ -143,7 +166,7 @@ def train(config: TrainConfig, callbacks: list[TrainCallback] = ()) -> TrainResu
         tick = time.perf_counter()
         for index in shuffled_batches(len(train_y), config.batch_size, shuffle, steps_this_epoch):
             index = index.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = model(train_x[index].contiguous(memory_format=layout))
             loss = F.cross_entropy(logits.float(), train_y[index])
             optimizer.zero_grad(set_to_none=True)

@@ -95,3 +95,30 @@ def test_config_rejects_nonsense(field, value):
 def test_unknown_model_fails_before_loading_data(tmp_path):
     with pytest.raises(PipelineError, match="known models"):
         train(TrainConfig(model="vgg", data_dir=tmp_path))
+
+
+@pytest.mark.parametrize(("precision", "channels_last"), [("fp32", False), ("fp32", True), ("bf16", True)])
+def test_every_speed_lever_still_learns(synthetic_data_dir, precision, channels_last):
+    result = train(
+        TrainConfig(
+            model="cnn",
+            epochs=2,
+            batch_size=50,
+            precision=precision,
+            channels_last=channels_last,
+            data_dir=synthetic_data_dir,
+        )
+    )
+    assert result.params["precision"] == precision
+    assert result.metrics["test_accuracy"] >= 0.9
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    from pipeline import train as train_module
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: True)
+    assert train_module.resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
+    assert train_module.resolve_precision("auto", cpu) == "fp32"
+    assert train_module.resolve_precision("bf16", cpu) == "bf16"  # an explicit choice is kept
