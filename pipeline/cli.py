@@ -181,7 +181,7 @@ def train(
     "Results go into the run that logged it.  [default: none]",
 )
 @data_dir_option
-@click.option("--batch-size", type=click.IntRange(min=1), default=1000, help="Test images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=200, help="Test images per forward pass.")
 def evaluate(run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int) -> None:
     """Per-class accuracy, confusion matrix and figures on the test set, logged into the run."""
     import tempfile

@@ -34,7 +34,7 @@ def images_to_tensor(images: np.ndarray, device: torch.device | str = "cpu") -> 
     return tensor.to(device).unsqueeze(1).float().div_(255.0)
 
 
-def compute_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def compute_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 200) -> torch.Tensor:
     """Run `model` over `inputs` in eval mode, batch by batch; restores the model's mode."""
     was_training = model.training
     model.eval()
@@ -182,7 +182,7 @@ def evaluate(
     images: np.ndarray,
     labels: np.ndarray,
     class_names: Sequence[str],
-    batch_size: int = 1000,
+    batch_size: int = 200,
     device: torch.device | str = "cpu",
 ) -> Evaluation:
     """Evaluate `model` on uint8 images (N, H, W) with int labels (N,); see `Evaluation`."""
