@@ -104,8 +104,15 @@ def ensure_run(run_id: str) -> Any:
 
 
 def log_params(params: dict[str, Any]) -> None:
-    flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items()}
-    mlflow.log_params(flat)
+    """Log params into the active run, leaving alone those it already has.
+
+    `mlflow run` logs the entry point's parameters as typed on its command line (`lr=1e-3`,
+    `max_steps=0`); MLflow refuses to change a param, and those are the same settings.
+    """
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items() if k not in existing}
+    if flat:
+        mlflow.log_params(flat)
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:

@@ -43,6 +43,8 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
             "model=cnn",
             "-P",
             "max_steps=30",
+            "-P",
+            "lr=1e-3",
         ],
         cwd=REPO,
         env=env,
@@ -58,6 +60,7 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
     assert run.info.status == "FINISHED"
     params, metrics = run.data.params, run.data.metrics
     assert params["model"] == "cnn" and params["max_steps"] == "30" and params["total_steps"] == "30"
+    assert params["lr"] == "1e-3"  # as `mlflow run` logged it; train left it alone rather than fail
     assert params["sha256_train-images-idx3-ubyte"] == (
         "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"
     )
