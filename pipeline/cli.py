@@ -343,8 +343,16 @@ def _log_parity(result) -> None:
     help="int8: also make a static int8 (QDQ) model calibrated on training images; it must stay "
     "within 0.5 accuracy points of the torch model.",
 )
+@click.option(
+    "--fold/--no-fold",
+    default=None,
+    help="Export a copy with conv+BN folded and Linear layers with nothing nonlinear between them merged "
+    "(faster, same logits to ~1e-5); parity is still checked against the original model.  [default: fold]",
+)
 @data_dir_option
-def export_onnx(run_id: str | None, output: Path | None, opset: int | None, quantize: str, data_dir: Path):
+def export_onnx(
+    run_id: str | None, output: Path | None, opset: int | None, quantize: str, fold: bool | None, data_dir: Path
+):
     """Export a run's model to ONNX, log it to the run, and check parity with torch.
 
     Exits non-zero when parity (or the int8 accuracy check) fails; the run is tagged parity=failed.
@@ -364,10 +372,18 @@ def export_onnx(run_id: str | None, output: Path | None, opset: int | None, quan
     test = load_split(data_dir, "test")
     calibration = export.calibration_sample(load_split(data_dir, "train").images) if quantize == "int8" else None
     example = export.example_input(test.images)
+    fold = export.FOLD_BY_DEFAULT if fold is None else fold
     with tempfile.TemporaryDirectory(prefix="export-onnx-") as tmp:
         onnx_path = export.export_onnx(
-            model, target or Path(tmp) / export.default_output_name(model_name), class_names, model_name, run_id, opset
+            model,
+            target or Path(tmp) / export.default_output_name(model_name),
+            class_names,
+            model_name,
+            run_id,
+            opset,
+            fold=fold,
         )
+        folded_layers = export.read_metadata(onnx_path).get(export.FOLDED_LAYERS_KEY)
         parity = check_parity(model, onnx_path, test.images, test.labels, class_names)
         if quantize == "int8":
             int8_path = export.quantize_int8(onnx_path, export.int8_path_for(onnx_path), calibration)
@@ -377,6 +393,8 @@ def export_onnx(run_id: str | None, output: Path | None, opset: int | None, quan
             click.echo(f"ONNX model ({model_name}, fp32): {model_uri} in run {run_id}")
             if target:
                 click.echo(f"Written to: {onnx_path}")
+            if folded_layers:
+                click.echo(f"Folded for inference: {folded_layers}")
             _log_parity(parity)
             if quantize == "int8":
                 int8_uri = tracking.log_onnx_model(int8_path, "int8", example, export.onnx_logits(int8_path, example))

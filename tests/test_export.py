@@ -1,8 +1,11 @@
-"""ONNX export: one checked file, the I/O and metadata contract, dynamic batch, atomic writes, int8."""
+"""ONNX export: one checked file, the I/O and metadata contract, dynamic batch, atomic writes, int8,
+and folding (conv+BN, Linear chains) into an equivalent, smaller inference graph."""
 
 from __future__ import annotations
 
+import copy
 import json
+from collections import Counter
 from datetime import UTC, datetime
 
 import mlflow
@@ -11,12 +14,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from torch import nn
 
 from pipeline import export, tracking
-from pipeline.config import ONNX_INPUT_NAME, ONNX_METADATA_KEYS, ONNX_OUTPUT_NAME
+from pipeline.config import CLASS_NAMES, ONNX_INPUT_NAME, ONNX_METADATA_KEYS, ONNX_OUTPUT_NAME
 from pipeline.data import load_split
 from pipeline.errors import PipelineError
 from pipeline.evaluate import compute_logits
+from pipeline.models import build_model
 from pipeline.parity import check_quantized
 
 
@@ -70,7 +75,9 @@ def test_metadata_round_trip_through_onnx_and_onnxruntime(exported):
     from_onnx = {p.key: p.value for p in onnx.load_model(str(path)).metadata_props}
     from_ort = session(path).get_modelmeta().custom_metadata_map
     assert from_onnx == from_ort
-    assert set(from_onnx) == set(ONNX_METADATA_KEYS)
+    assert set(from_onnx) == {*ONNX_METADATA_KEYS, export.FOLDED_KEY, export.FOLDED_LAYERS_KEY}
+    assert from_onnx[export.FOLDED_KEY] == "true"  # the default export is folded
+    assert "fc1+fc2+fc3 (linear)" in from_onnx[export.FOLDED_LAYERS_KEY]
     assert json.loads(from_onnx["class_names"]) == list(class_names)
     assert from_onnx["input_layout"] == "NCHW float32 N x 1 x 28 x 28"
     assert from_onnx["input_scaling"] == "[0, 1] (uint8 pixel / 255)"
@@ -138,7 +145,7 @@ def test_int8_model_runs_keeps_metadata_and_its_accuracy_check_is_reported(expor
     proto = onnx.load_model(str(int8_path))
     assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in proto.graph.node}
     metadata = export.read_metadata(int8_path)
-    assert {k: metadata[k] for k in ONNX_METADATA_KEYS} == export.read_metadata(path)
+    assert {k: v for k, v in metadata.items() if k != export.QUANTIZATION_KEY} == export.read_metadata(path)
     assert "int8" in metadata[export.QUANTIZATION_KEY]
     assert int8_path.stat().st_size < path.stat().st_size / 2
     logits = session(int8_path).run(None, {ONNX_INPUT_NAME: calibration[:3]})[0]
@@ -152,3 +159,132 @@ def test_int8_model_runs_keeps_metadata_and_its_accuracy_check_is_reported(expor
     assert check.passed, check.summary_lines()  # the synthetic classes are easy: int8 must keep them
     assert "per-class drop" in "\n".join(check.summary_lines())
     assert set(check.metrics()) == {"int8_test_accuracy", "int8_accuracy_drop_points", "int8_argmax_agreement"}
+
+
+# ----------------------------------------------------------------- folding
+
+
+def op_counts(path) -> Counter:
+    return Counter(node.op_type for node in onnx.load_model(str(path)).graph.node)
+
+
+def test_fold_merges_the_cnn_and_leaves_the_original_untouched(trained_model):
+    model, _, _ = trained_model
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    model.train()
+    try:
+        folded, report = export.fold_for_inference(model)
+        assert model.training and isinstance(model.fc2, nn.Linear) and isinstance(model.layer1[1], nn.BatchNorm2d)
+    finally:
+        model.eval()
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], tensor) for name, tensor in before.items())
+
+    assert report.conv_bn == [("layer1.0", "layer1.1"), ("layer2.0", "layer2.1")]
+    assert report.linear_chains == [("fc1", "fc2", "fc3")]
+    assert not folded.training
+    assert (folded.fc1.in_features, folded.fc1.out_features) == (model.fc1.in_features, 10)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, nn.Linear) for m in folded.modules()) == 1
+    # BatchNorm with non-trivial statistics, so folding it is really exercised.
+    assert not torch.allclose(model.layer1[1].running_mean, torch.zeros(32))
+
+    inputs = torch.rand(64, *model.input_shape, generator=torch.Generator().manual_seed(0))
+    expected, actual = compute_logits(model, inputs), compute_logits(folded, inputs)
+    assert (expected - actual).abs().max() < 1e-4  # float64 folding: float32 rounding apart
+    assert torch.equal(expected.argmax(1), actual.argmax(1))
+
+
+def test_folded_graph_has_one_gemm_where_the_plain_one_has_three(trained_model, tmp_path):
+    model, class_names, run = trained_model
+    plain = export.export_onnx(model, tmp_path / "plain.onnx", class_names, "cnn", run["run_id"], fold=False)
+    folded = export.export_onnx(model, tmp_path / "folded.onnx", class_names, "cnn", run["run_id"], fold=True)
+    plain_ops, folded_ops = op_counts(plain), op_counts(folded)
+    assert plain_ops["Gemm"] + plain_ops["MatMul"] == 3
+    assert folded_ops["Gemm"] + folded_ops["MatMul"] == 1
+    # torch's exporter already folds eval-mode BN into the conv, so neither file has one.
+    assert folded_ops["BatchNormalization"] == plain_ops["BatchNormalization"] == 0
+    assert folded_ops["Conv"] == plain_ops["Conv"] == 2
+    assert export.read_metadata(plain)[export.FOLDED_KEY] == "false"
+    assert export.FOLDED_LAYERS_KEY not in export.read_metadata(plain)
+    assert export.read_metadata(folded)[export.FOLDED_KEY] == "true"
+    assert folded.stat().st_size < plain.stat().st_size / 10  # 2304x10 weights instead of 2304x600 + ...
+
+    inputs = load_split(run["data_dir"], "test").images[:50, None].astype(np.float32) / 255
+    np.testing.assert_allclose(
+        export.onnx_logits(folded, inputs), compute_logits(model, torch.from_numpy(inputs)).numpy(), atol=1e-4, rtol=0
+    )
+
+
+def test_dnn_keeps_its_three_linears_because_relus_sit_between_them(tmp_path):
+    model = build_model("dnn").eval()
+    folded, report = export.fold_for_inference(model)
+    assert report.conv_bn == [] and report.linear_chains == []
+    assert report.describe() == "nothing foldable"
+    for name in ("fc1", "fc2", "fc3"):
+        assert isinstance(getattr(folded, name), nn.Linear)
+        assert torch.equal(getattr(folded, name).weight, getattr(model, name).weight)
+    path = export.export_onnx(model, tmp_path / "dnn.onnx", CLASS_NAMES, "dnn", "test", fold=True)
+    assert op_counts(path)["Gemm"] + op_counts(path)["MatMul"] == 3
+
+
+class Bottleneck(nn.Module):
+    """Linear -> Linear through a narrow middle: merging would make a bigger, slower matrix."""
+
+    def __init__(self):
+        super().__init__()
+        self.down, self.up = nn.Linear(64, 4), nn.Linear(4, 64)
+
+    def forward(self, x):
+        return self.up(self.down(x))
+
+
+class SharedOutput(nn.Module):
+    """fc1's output feeds fc2 and is also returned: fc1 must keep computing it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.drop, self.fc2 = nn.Linear(8, 8), nn.Dropout(0.5), nn.Linear(8, 3)
+
+    def forward(self, x):
+        hidden = self.fc1(x)
+        return self.fc2(self.drop(hidden)), hidden
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            x = -x
+        return self.fc2(self.fc1(x))
+
+
+@pytest.mark.parametrize("model_class", [Bottleneck, SharedOutput, Untraceable])
+def test_chains_that_must_not_merge_are_left_alone(model_class):
+    model = model_class().eval()
+    folded, report = export.fold_for_inference(model)
+    assert report.linear_chains == []
+    assert [type(m) for m in folded.modules()] == [type(m) for m in model.modules()]
+    inputs = torch.randn(5, 64 if model_class is Bottleneck else 8)
+    with torch.no_grad():
+        expected, actual = model(inputs), folded(inputs)
+    if model_class is SharedOutput:
+        assert all(torch.equal(e, a) for e, a in zip(expected, actual, strict=True))
+    else:
+        assert torch.equal(expected, actual)
+
+
+def test_a_linear_chain_through_dropout_in_a_sequential_merges_exactly():
+    model = nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.3), nn.Linear(32, 32), nn.Identity(), nn.Linear(32, 4))
+    model.eval()
+    folded, report = export.fold_for_inference(model)
+    assert report.linear_chains == [("0", "2", "4")]
+    assert [type(m).__name__ for m in folded] == ["Linear", "Identity", "Identity", "Identity", "Identity"]
+    inputs = torch.randn(10, 16)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(inputs.double())  # the unfolded chain in float64
+        assert (folded(inputs).double() - exact).abs().max() < 1e-5

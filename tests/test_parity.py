@@ -1,8 +1,10 @@
-"""Parity: a faithful export passes; an altered or train-mode export fails and names the inputs;
-the CLI logs everything to the run and exits non-zero on a mismatch."""
+"""Parity: a faithful export (folded or not) passes against the original model; an altered,
+wrongly folded or train-mode export fails and names the inputs; the CLI logs everything to
+the run and exits non-zero on a mismatch."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import mlflow
@@ -12,12 +14,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
+from torch import nn
 
 from pipeline import export, tracking
 from pipeline.cli import cli
 from pipeline.config import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME
 from pipeline.data import load_split
 from pipeline.errors import PipelineError
+from pipeline.models import build_model
 from pipeline.parity import check_parity
 
 EDGE_INPUTS = {"batch_of_1", "batch_of_1000", "all_zeros", "all_ones", "random_noise"}
@@ -28,7 +32,7 @@ def exported(trained_run, tmp_path_factory):
     mlflow.set_tracking_uri(trained_run["store"])
     model, class_names = tracking.load_run_model(trained_run["run_id"])
     path = export.export_onnx(
-        model, tmp_path_factory.mktemp("parity") / "cnn.onnx", class_names, "cnn", trained_run["run_id"]
+        model, tmp_path_factory.mktemp("parity") / "cnn.onnx", class_names, "cnn", trained_run["run_id"], fold=True
     )
     test = load_split(trained_run["data_dir"], "test")
     return {"path": path, "model": model, "class_names": class_names, "test": test, **trained_run}
@@ -62,6 +66,7 @@ def test_faithful_export_passes_on_test_and_edge_inputs(exported):
     assert result.input_sets["batch_of_1"].images == 1 and result.input_sets["batch_of_1000"].images == 1000
     assert result.compared_inputs == sum(s.images for s in result.input_sets.values())
     assert result.onnx_metadata["source_run_id"] == exported["run_id"]
+    assert result.onnx_metadata[export.FOLDED_KEY] == "true"  # folded, and checked against the unfolded model
     assert set(result.metrics()) >= {"parity_max_abs_diff", "parity_argmax_agreement", "onnx_test_accuracy"}
     json.dumps(result.to_dict())  # parity.json must serialise
 
@@ -98,6 +103,44 @@ def test_swapped_class_weights_fail_and_name_the_disagreeing_inputs(exported, tm
         assert offender.torch_class != offender.onnx_class
         assert {offender.torch_class, offender.onnx_class} & {names[0], names[1]}
     assert f"onnx says {result.worst[0].onnx_class!r}" in result.failure_message()
+
+
+def test_unfolded_export_passes_too_and_agrees_with_the_folded_one(exported, tmp_path):
+    model, run_id = exported["model"], exported["run_id"]
+    plain = export.export_onnx(model, tmp_path / "plain.onnx", exported["class_names"], "cnn", run_id, fold=False)
+    result = parity(exported, plain)
+    assert result.passed, result.failures
+    folded = parity(exported, exported["path"])
+    assert folded.torch_test_accuracy == result.onnx_test_accuracy == folded.onnx_test_accuracy
+
+
+def test_a_wrong_fold_of_the_cnn_fails(exported, tmp_path):
+    """A plausible folding bug: merging fc1..fc3 but forgetting fc1's bias as it passes through fc2, fc3."""
+    model = exported["model"]
+    wrong, _ = export.fold_for_inference(model)
+    with torch.no_grad():
+        wrong.fc1.bias -= model.fc3.weight @ model.fc2.weight @ model.fc1.bias
+    path = export.export_onnx(wrong, tmp_path / "wrong.onnx", exported["class_names"], "cnn", "x", fold=False)
+    result = parity(exported, path)
+    assert not result.passed
+    assert result.max_abs_diff > 1e-4
+
+
+def test_merging_linears_across_a_relu_is_caught(exported, tmp_path):
+    """FashionDNN has ReLUs between its linears: merging them anyway changes what it computes."""
+    torch.manual_seed(0)
+    dnn = build_model("dnn").eval()
+    wrong = copy.deepcopy(dnn)
+    wrong.fc1 = export._merged_linear([dnn.fc1, dnn.fc2, dnn.fc3])  # the merge fold_for_inference refuses
+    wrong.fc2 = wrong.fc3 = nn.Identity()
+    path = export.export_onnx(wrong, tmp_path / "wrong.onnx", exported["class_names"], "dnn", "x", fold=False)
+    test = exported["test"]
+    result = check_parity(dnn, path, test.images, test.labels, exported["class_names"])
+    assert not result.passed
+    assert result.max_abs_diff > 1e-4 and result.argmax_disagreements > 0
+    # The honest fold of the same model passes: it merged nothing.
+    honest = export.export_onnx(dnn, tmp_path / "honest.onnx", exported["class_names"], "dnn", "x", fold=True)
+    assert check_parity(dnn, honest, test.images, test.labels, exported["class_names"]).passed
 
 
 def test_a_model_exported_in_train_mode_fails(exported, tmp_path):
@@ -140,6 +183,10 @@ def test_cli_export_logs_models_parity_and_int8_to_the_run(use_trained_run, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.int8.onnx", "cnn.onnx"]
     assert f"Written to: {tmp_path / 'cnn.onnx'}" in result.output
     assert "models:/" in result.output and "PASSED" in result.output and "per-class drop" in result.output
+    assert (
+        "Folded for inference: layer1.0+layer1.1 (conv+bn), layer2.0+layer2.1 (conv+bn), fc1+fc2+fc3" in result.output
+    )
+    assert export.read_metadata(tmp_path / "cnn.onnx")[export.FOLDED_KEY] == "true"  # folding is the default
 
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -167,6 +214,16 @@ def test_cli_export_logs_models_parity_and_int8_to_the_run(use_trained_run, tmp_
     again = CliRunner().invoke(cli, ["check-parity", "--data-dir", data_dir], env={"MLFLOW_RUN_ID": run_id})
     assert again.exit_code == 0, again.output
     assert "PASSED" in again.output
+
+
+def test_cli_no_fold_exports_the_plain_graph(use_trained_run, tmp_path):
+    args = ["export-onnx", "--run-id", use_trained_run["run_id"], "--output", str(tmp_path), "--no-fold"]
+    result = CliRunner().invoke(cli, [*args, "--data-dir", str(use_trained_run["data_dir"])])
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.output and "Folded" not in result.output
+    assert export.read_metadata(tmp_path / "cnn.onnx")[export.FOLDED_KEY] == "false"
+    gemms = [n for n in onnx.load_model(str(tmp_path / "cnn.onnx")).graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 3
 
 
 def test_cli_check_parity_fails_names_inputs_and_tags_the_run(use_trained_run, exported, tmp_path):
