@@ -139,7 +139,9 @@ def log_torch_model(model: Any, example: Any, class_names: list[str]) -> str:
 
     from pipeline.models import save_checkpoint
 
-    model = model.to("cpu").eval()
+    # Standard layout for the saved program: channels_last is a training-speed choice, and
+    # torch.export's archive warns about (and mis-groups) its strided weights.
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     with torch.inference_mode():
         logits = model(torch.from_numpy(example)).numpy()
     info = mlflow.pytorch.log_model(
