@@ -158,14 +158,28 @@ def log_torch_model(model: Any, example: Any, class_names: list[str]) -> str:
     return info.model_uri
 
 
+@contextmanager
+def quiet_downloads() -> Iterator[None]:
+    """No artifact progress bars: for a few small files they only clutter the CLI's stderr."""
+    saved = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = saved
+
+
 def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
     ensure_run(run_id)
     try:
-        return Path(
-            mlflow.artifacts.download_artifacts(
+        with quiet_downloads():
+            local = mlflow.artifacts.download_artifacts(
                 run_id=run_id, artifact_path=artifact_path, dst_path=str(dst) if dst else None
             )
-        )
+        return Path(local)
     except (mlflow.exceptions.MlflowException, OSError):
         raise PipelineError(
             f"run {run_id} has no artifact {artifact_path!r}; was it made by `pipeline train`?"
@@ -186,20 +200,13 @@ def download_onnx_model(model_uri: str, dst: Path) -> Path:
     Downloads the files only, never loads the pyfunc: the predictor process stays free of torch.
     """
     connect()
-    # A progress bar for a handful of small files would only clutter the predictor's stderr.
-    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+        with quiet_downloads():
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
     except (mlflow.exceptions.MlflowException, OSError) as exc:
         raise PipelineError(
             f"cannot fetch model {model_uri!r} from the tracking store {tracking_uri()}: {str(exc).splitlines()[0]}"
         ) from None
-    finally:
-        if bar is None:
-            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
-        else:
-            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
     if local.is_file():
         return local
     mlmodel = local / "MLmodel"
