@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -228,9 +229,21 @@ def download_onnx_model(model_uri: str, dst: Path) -> Path:
 
 
 def log_table(table: Any, artifact_file: str) -> None:
-    """A DataFrame as an MLflow table (a .json artifact the UI renders as a table)."""
+    """A DataFrame as an MLflow table (a .json artifact the UI renders as a table).
+
+    Logging it again replaces the table: mlflow.log_table would append the rows to the old
+    ones, so re-evaluating a run would double its per-class table in the UI.
+    """
     import warnings
 
+    run_id = mlflow.active_run().info.run_id
+    folder = posixpath.dirname(artifact_file) or None
+    if artifact_file in {f.path for f in mlflow.MlflowClient().list_artifacts(run_id, folder)}:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / posixpath.basename(artifact_file)
+            table.to_json(path, orient="split", index=False, date_format="iso")  # log_table's own format
+            mlflow.log_artifact(str(path), folder)
+        return
     with warnings.catch_warnings():
         # mlflow 3.17 probes text columns with a select_dtypes call that pandas 3 deprecates.
         warnings.filterwarnings("ignore", message="For backward compatibility, 'str' dtypes")

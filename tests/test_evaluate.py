@@ -281,3 +281,15 @@ def test_training_curves_keep_one_point_per_step_and_figures_save_atomically(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["curves.png"]
     with Image.open(path) as image:
         assert image.format == "PNG"
+
+
+def test_evaluating_again_replaces_the_ui_table(evaluated, use_trained_run):
+    import mlflow
+
+    again = CliRunner().invoke(
+        cli, ["evaluate", "--run-id", evaluated["run_id"], "--data-dir", str(evaluated["data_dir"])]
+    )
+    assert again.exit_code == 0, again.output
+    # mlflow.log_table alone would append: 20 rows after two evaluations.
+    table = mlflow.load_table("per_class.json", run_ids=[evaluated["run_id"]])
+    assert table["class_name"].tolist() == list(CLASS_NAMES)
