@@ -330,9 +330,10 @@ def _log_parity(result) -> None:
 @run_id_option("of the trained model to export (required)")
 @click.option(
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(),  # a str: Path() would drop the trailing slash that asks for a directory
     default=None,
-    help="Also write the .onnx file here: a file, or a directory for <model>.onnx. With --quantize "
+    help="Also write the .onnx file here: a .onnx path, or a directory (created if it ends in /) for "
+    "<model>.onnx. With --quantize "
     "the int8 model goes beside it as <name>.int8.onnx.  [default: logged to MLflow only]",
 )
 @click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset.  [default: the exporter's]")
@@ -351,7 +352,7 @@ def _log_parity(result) -> None:
 )
 @data_dir_option
 def export_onnx(
-    run_id: str | None, output: Path | None, opset: int | None, quantize: str, fold: bool | None, data_dir: Path
+    run_id: str | None, output: str | None, opset: int | None, quantize: str, fold: bool | None, data_dir: Path
 ):
     """Export a run's model to ONNX, log it to the run, and check parity with torch.
 

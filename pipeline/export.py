@@ -65,14 +65,25 @@ def int8_path_for(fp32_path: Path) -> Path:
     return fp32_path.with_name(fp32_path.name.removesuffix(".onnx") + INT8_SUFFIX)
 
 
-def resolve_output(output: Path, model_name: str) -> Path:
-    """The file `--output` names (a directory gets `<model>.onnx`), checked to be writable.
+def resolve_output(output: Path | str, model_name: str) -> Path:
+    """The file `--output` names, checked to be writable: a `.onnx` path, or a directory (an
+    existing one, or any path ending in a slash, created) that gets `<model>.onnx`.
 
     Checked before the export starts, so a typo fails in a second rather than after it.
     """
+    wants_directory = str(output).endswith(("/", os.sep))
     output = Path(output)
+    if wants_directory and not output.exists():
+        try:
+            output.mkdir(parents=True)
+        except OSError as exc:
+            raise PipelineError(f"cannot create the directory {output}: {exc.strerror}") from None
     if output.is_dir():
         output = output / default_output_name(model_name)
+    elif output.suffix != ".onnx":
+        raise PipelineError(
+            f"--output {output}: give a .onnx file name, or a directory (end it with / to have it created)"
+        )
     parent = output.parent
     if not parent.is_dir():
         raise PipelineError(

@@ -129,6 +129,11 @@ def test_failed_check_leaves_no_half_written_file(trained_model, tmp_path, monke
 def test_resolve_output_puts_a_model_file_in_a_directory(tmp_path):
     assert export.resolve_output(tmp_path, "dnn") == tmp_path / "dnn.onnx"
     assert export.resolve_output(tmp_path / "x.onnx", "dnn") == tmp_path / "x.onnx"
+    # A trailing slash asks for a directory, created on the spot.
+    assert export.resolve_output(f"{tmp_path}/new/", "cnn") == tmp_path / "new" / "cnn.onnx"
+    assert (tmp_path / "new").is_dir()
+    with pytest.raises(PipelineError, match="give a .onnx file name"):
+        export.resolve_output(tmp_path / "exports", "cnn")  # neither a directory nor a .onnx name
     assert export.int8_path_for(tmp_path / "x.onnx") == tmp_path / "x.int8.onnx"
 
 
