@@ -9,7 +9,6 @@ differ from copy to copy while the content does not.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import os
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.idx import parse_idx
+from pipeline.idx import gunzip_if_gzipped, parse_idx
 
 SHA256: dict[str, str] = {
     "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
@@ -134,14 +133,10 @@ class DownloadReport:
         return all(src == "already present" for src in self.sources.values())
 
 
-def _decompress(blob: bytes) -> bytes:
-    return gzip.decompress(blob) if blob[:2] == b"\x1f\x8b" else blob
-
-
 def _verified_content(name: str, blob: bytes, source: Source) -> bytes:
     expected = SHA256[name]
     try:
-        content = _decompress(blob)
+        content = gunzip_if_gzipped(blob)
         actual = sha256(content)
     except (OSError, EOFError) as exc:
         content, actual = b"", f"unreadable gzip ({exc}); sha256 of the compressed bytes {sha256(blob)}"

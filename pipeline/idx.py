@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import struct
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
@@ -25,18 +26,34 @@ _DTYPES = {
 _CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09}
 
 
-def parse_idx(buffer: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode one IDX payload (already decompressed) into an array, checking its header."""
-    if len(buffer) < 4 or buffer[0] != 0 or buffer[1] != 0:
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def parse_header(head: bytes, name: str = "<bytes>") -> tuple[np.dtype, tuple[int, ...], int]:
+    """dtype, shape and header length from the first bytes of an IDX payload (4 + 4 x rank)."""
+    if len(head) < 4 or head[0] != 0 or head[1] != 0:
         raise PipelineError(f"{name}: not an IDX file (bad magic number)")
-    code, ndim = buffer[2], buffer[3]
+    code, ndim = head[2], head[3]
     if code not in _DTYPES or ndim == 0:
         raise PipelineError(f"{name}: not an IDX file (type code 0x{code:02x}, {ndim} dims)")
     header_end = 4 + 4 * ndim
-    if len(buffer) < header_end:
+    if len(head) < header_end:
         raise PipelineError(f"{name}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", buffer[4:header_end])
-    dtype = _DTYPES[code]
+    return _DTYPES[code], struct.unpack(f">{ndim}I", head[4:header_end]), header_end
+
+
+def read_header(stream: IO[bytes], name: str = "<stream>") -> tuple[np.dtype, tuple[int, ...]]:
+    """Read just the header from an open IDX stream, leaving it at the first data byte."""
+    head = stream.read(4)
+    if len(head) == 4:
+        head += stream.read(4 * head[3])
+    dtype, shape, _ = parse_header(head, name)
+    return dtype, shape
+
+
+def parse_idx(buffer: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode one IDX payload (already decompressed) into an array, checking its header."""
+    dtype, shape, header_end = parse_header(buffer[:1024], name)
     expected = int(np.prod(shape)) * dtype.itemsize
     actual = len(buffer) - header_end
     if actual != expected:
@@ -49,15 +66,24 @@ def parse_idx(buffer: bytes, name: str = "<bytes>") -> np.ndarray:
     return array.astype(dtype.newbyteorder("="), copy=True)
 
 
+def gunzip_if_gzipped(data: bytes) -> bytes:
+    """`data` decompressed when it is gzip (by magic, not by name); raises OSError/EOFError if broken."""
+    return gzip.decompress(data) if data[:2] == GZIP_MAGIC else data
+
+
+def open_maybe_gzip(path: Path) -> IO[bytes]:
+    """A binary stream of a file's content, through gzip when the file is gzipped."""
+    with open(path, "rb") as probe:
+        gzipped = probe.read(2) == GZIP_MAGIC
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
 def read_bytes(path: Path) -> bytes:
-    """A file's content, gunzipped when it is gzip (by magic, not by name)."""
-    data = Path(path).read_bytes()
-    if data[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(data)
-        except (OSError, EOFError) as exc:
-            raise PipelineError(f"{path}: corrupt or truncated gzip file ({exc})") from None
-    return data
+    """A file's content, gunzipped when it is gzip."""
+    try:
+        return gunzip_if_gzipped(Path(path).read_bytes())
+    except (OSError, EOFError) as exc:
+        raise PipelineError(f"{path}: corrupt or truncated gzip file ({exc})") from None
 
 
 def read_idx(path: Path) -> np.ndarray:

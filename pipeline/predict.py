@@ -12,11 +12,9 @@ path a benchmark should time.
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import secrets
-import struct
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -31,10 +29,10 @@ from PIL import Image, ImageOps
 
 from pipeline.config import CLASS_NAMES, INPUT_SHAPE, ONNX_OUTPUT_NAME
 from pipeline.errors import PipelineError
+from pipeline.idx import open_maybe_gzip, read_header
 
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
 ARRAY_CHUNK = 4096  # images sliced from an array or IDX file at a time: bounds memory, amortizes overhead
-GZIP_MAGIC = b"\x1f\x8b"
 # Rows per Parquet row group: readers handle a few large groups far better than thousands
 # of batch-sized ones, and 64k rows of results is still only a few MB of memory.
 PARQUET_ROW_GROUP = 65_536
@@ -309,35 +307,28 @@ def split_valid(source: str, chunk: np.ndarray, start: int, valid: np.ndarray, p
         yield Images(source, chunk[begin:], start + begin)
 
 
-def open_maybe_gzip(path: Path) -> IO[bytes]:
-    with open(path, "rb") as probe:
-        gzipped = probe.read(2) == GZIP_MAGIC
-    return gzip.open(path, "rb") if gzipped else open(path, "rb")
-
-
 def is_idx(path: Path) -> bool:
     """An IDX header (raw or gzipped), recognized by its magic: two zero bytes, type, rank."""
     try:
         with open_maybe_gzip(path) as stream:
-            head = stream.read(4)
-    except (OSError, EOFError):
+            read_header(stream, str(path))
+    except (OSError, EOFError, PipelineError):
         return False
-    return len(head) == 4 and head[:2] == b"\0\0" and head[2] in (0x08, 0x09, 0x0B, 0x0C, 0x0D, 0x0E) and head[3] > 0
+    return True
 
 
 def read_idx_images(path: Path, image_size: tuple[int, int]) -> Iterator[Images | Failure]:
     """Stream an IDX image file chunk by chunk, so even a huge gzipped one needs little memory.
 
-    pipeline.idx.read_idx reads whole files; prediction must not, so the header is parsed
-    here and the pixels are read in slices.
+    pipeline.idx.read_idx reads whole files; prediction must not, so only the header is read
+    whole and the pixels are read in slices.
     """
     source = str(path)
     with open_maybe_gzip(path) as stream:
-        _, _, code, ndim = stream.read(4)
-        shape = struct.unpack(f">{ndim}I", stream.read(4 * ndim))
+        dtype, shape = read_header(stream, source)
         h, w = image_size
-        if code != 0x08 or shape[1:] not in ((h, w), (1, h, w)):
-            kind = "uint8" if code == 0x08 else f"type 0x{code:02x}"
+        if dtype != np.uint8 or shape[1:] not in ((h, w), (1, h, w)):
+            kind = dtype.name
             yield Failure(source, None, f"IDX file holds {kind} {shape}; expected uint8 images (N, {h}, {w})")
             return
         count, per_image = shape[0], h * w
