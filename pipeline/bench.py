@@ -39,6 +39,9 @@ class BenchConfig:
     train_steps: int = 0  # steps per training measurement; 0 = by mode
     inference_batches: tuple[int, ...] = (1, 64, 256, 1024)
     full_job: bool = False  # also time a real 5-epoch `mlflow run` (full mode)
+    # Baseline and ours are measured in alternation this many times and the medians compared:
+    # on a shared 2-core VM a single pair can be 20 % off either way.
+    rounds: int = 0  # 0 = by mode
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -49,6 +52,8 @@ class BenchConfig:
             raise ValueError(f"train_steps must be at least {CHAPTER_EVAL_EVERY}")
         if self.quick:
             self.inference_batches = (1, 256)
+        if not self.rounds:
+            self.rounds = 1 if self.quick else 3
 
 
 def machine() -> dict[str, Any]:
@@ -149,13 +154,21 @@ def warm_up(data_dir: Path) -> None:
     our_training(data_dir, "cnn", 5)
 
 
+def medians(rows: list[dict[str, float]]) -> dict[str, float]:
+    return {key: float(np.median([row[key] for row in rows])) for key in rows[0]}
+
+
 def bench_training(cfg: BenchConfig) -> dict[str, Any]:
     warm_up(cfg.data_dir)
     out: dict[str, Any] = {}
     for name in ("cnn", "dnn"):
-        chapter = chapter_loop(cfg.data_dir, name, cfg.train_steps)
-        ours = our_training(cfg.data_dir, name, cfg.train_steps)
+        pairs = [
+            (chapter_loop(cfg.data_dir, name, cfg.train_steps), our_training(cfg.data_dir, name, cfg.train_steps))
+            for _ in range(cfg.rounds)
+        ]
+        chapter, ours = medians([c for c, _ in pairs]), medians([o for _, o in pairs])
         out[name] = {
+            "rounds": cfg.rounds,
             "chapter": chapter,
             "ours": ours,
             "train_throughput_ratio": ours["train_images_per_s"] / chapter["train_images_per_s"],
@@ -342,28 +355,35 @@ def bench_tracking_overhead(cfg: BenchConfig) -> dict[str, float]:
     from pipeline import tracking
 
     steps = cfg.train_steps
-    off = train(TrainConfig(model="cnn", max_steps=steps, data_dir=cfg.data_dir))
+    config = TrainConfig(model="cnn", max_steps=steps, data_dir=cfg.data_dir, log_every=50)
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
         os.environ.pop("MLFLOW_RUN_ID", None)
         try:
-            with tracking.run(experiment="bench-overhead"):
-                on = train(
-                    TrainConfig(model="cnn", max_steps=steps, data_dir=cfg.data_dir, log_every=50),
-                    [tracking.MlflowTrainCallback()],
+            for _ in range(cfg.rounds):
+                off = train(config)
+                with tracking.run(experiment="bench-overhead"):
+                    on = train(config, [tracking.MlflowTrainCallback()])
+                    started = time.perf_counter()
+                    tracking.log_torch_model(on.model, on.example_input, on.params["class_names"])
+                    model_logging_s = time.perf_counter() - started
+                rows.append(
+                    {
+                        "off": off.metrics["wall_time_s"] / steps,
+                        "on": on.metrics["wall_time_s"] / steps,
+                        "logging": model_logging_s,
+                    }
                 )
-                started = time.perf_counter()
-                tracking.log_torch_model(on.model, on.example_input, on.params["class_names"])
-                model_logging_s = time.perf_counter() - started
         finally:
             for key, value in saved.items():
                 if value is None:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
-    per_step_off = off.metrics["wall_time_s"] / steps
-    per_step_on = on.metrics["wall_time_s"] / steps
+    median = medians(rows)
+    per_step_off, per_step_on, model_logging_s = median["off"], median["on"], median["logging"]
     full_train_s = 5 * EPOCH_STEPS * per_step_off
     # Streaming cost scales with steps; model logging is paid once per run.
     overhead_s = max(per_step_on - per_step_off, 0.0) * 5 * EPOCH_STEPS + model_logging_s
@@ -595,7 +615,8 @@ def render_markdown(results: dict[str, Any]) -> str:
     lines = [
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads). "
         f"Mode: {'quick' if results['config']['quick'] else 'full'}, "
-        f"{results['config']['train_steps']} training steps per measurement.",
+        f"{results['config']['train_steps']} training steps per measurement; training figures are medians "
+        f"of {results['config']['rounds']} alternating rounds.",
         "",
     ]
     lines += ["| target | measured | result |", "|---|---|---|"]
