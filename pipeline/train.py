@@ -97,9 +97,7 @@ def resolve_precision(choice: str, device: torch.device) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    import numpy
-
-    return {"torch_version": torch.__version__, "numpy_version": numpy.__version__}
+    return {"torch_version": torch.__version__, "numpy_version": np.__version__}
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, steps: int) -> list[torch.Tensor]:
