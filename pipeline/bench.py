@@ -24,6 +24,7 @@ import torch
 from pipeline.config import default_data_dir
 from pipeline.data import load_split
 from pipeline.evaluate import compute_logits, images_to_tensor
+from pipeline.files import write_text
 from pipeline.models import build_model
 from pipeline.train import TrainConfig, train
 
@@ -479,9 +480,7 @@ def verdicts(headline: dict[str, float | None]) -> list[dict[str, Any]]:
 
 def save_json(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.part")
-    tmp.write_text(json.dumps(results, indent=2, default=str))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(results, indent=2, default=str))
 
 
 def config_dict(cfg: BenchConfig) -> dict[str, Any]:

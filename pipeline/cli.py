@@ -484,6 +484,7 @@ def bench(
 
     from pipeline import bench as benchmarks
     from pipeline import tracking
+    from pipeline.files import write_text
 
     config = benchmarks.BenchConfig(
         quick=quick, data_dir=data_dir, train_steps=steps or 0, full_job=(not quick) if full_job is None else full_job
@@ -498,7 +499,7 @@ def bench(
     report = benchmarks.render_markdown(results)
     output_dir.mkdir(parents=True, exist_ok=True)
     benchmarks.save_json(results, output_dir / "bench.json")
-    (output_dir / "bench.md").write_text(report)
+    write_text(output_dir / "bench.md", report)
     with tracking.run(experiment="benchmarks", run_name="bench-quick" if quick else "bench", tags={"stage": "bench"}):
         tracking.log_params(benchmarks.config_dict(config))
         tracking.log_metrics({k: float(v) for k, v in results["headline"].items() if isinstance(v, (int, float))})

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import pandas as pd
 from pipeline.config import CLASS_NAMES
 from pipeline.errors import PipelineError
 from pipeline.evaluate import class_metric_name as class_metric
+from pipeline.files import atomic_write
 
 KEY_PARAMS = ("epochs", "batch_size", "lr", "seed")
 OVERALL_METRICS = ("test_accuracy", "test_loss", "test_macro_f1")
@@ -319,14 +318,8 @@ def write_outputs(c: Comparison, folder: Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     csv_path = folder / COMPARE_CSV
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{COMPARE_CSV}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            c.table.to_csv(handle)
-        os.replace(tmp, csv_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(csv_path, "w", newline="") as handle:
+        c.table.to_csv(handle)
     deltas = c.deltas.loc[c.class_names] if len(c.deltas.columns) else None
     margins = c.margins.loc[c.class_names] if len(c.margins.columns) else None
     if margins is not None and margins.isna().all().all():

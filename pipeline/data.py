@@ -10,8 +10,6 @@ differ from copy to copy while the content does not.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.files import write_bytes
 from pipeline.idx import gunzip_if_gzipped, parse_idx
 
 SHA256: dict[str, str] = {
@@ -149,19 +148,6 @@ def _verified_content(name: str, blob: bytes, source: Source) -> bytes:
     return content
 
 
-def _atomic_write(path: Path, content: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def is_verified(path: Path, name: str) -> bool:
     return path.is_file() and sha256(path.read_bytes()) == SHA256[name]
 
@@ -186,7 +172,7 @@ def download(data_dir: Path, sources: list[Source]) -> DownloadReport:
                 continue
             content = _verified_content(name, blob, source)
             target.mkdir(parents=True, exist_ok=True)
-            _atomic_write(path, content)
+            write_bytes(path, content)
             report.sources[name] = source.label
             break
         else:

@@ -11,7 +11,6 @@ construction (overall = support-weighted mean of per-class).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 
 from pipeline.config import slug
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_write
 
 PER_CLASS_COLUMNS = ("class_id", "class_name", "support", "correct", "accuracy", "precision", "recall", "f1")
 
@@ -221,9 +221,8 @@ class ReportConfig:
 
 
 def _write_csv(table: pd.DataFrame, path: Path, index: bool = True) -> Path:
-    tmp = path.with_name(f".{path.name}.part")
-    table.to_csv(tmp, index=index)
-    os.replace(tmp, path)
+    with atomic_write(path, "w", newline="") as handle:
+        table.to_csv(handle, index=index)
     return path
 
 

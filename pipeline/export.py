@@ -17,8 +17,6 @@ import copy
 import json
 import os
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +29,7 @@ from torch import nn
 
 from pipeline.config import ONNX_INPUT_NAME, ONNX_METADATA_KEYS, ONNX_OUTPUT_NAME
 from pipeline.errors import PipelineError
+from pipeline.files import write_bytes
 
 INPUT_SCALING = "[0, 1] (uint8 pixel / 255)"
 INT8_SUFFIX = ".int8.onnx"
@@ -94,35 +93,10 @@ def resolve_output(output: Path | str, model_name: str) -> Path:
     return output
 
 
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path beside `path`; renamed onto it only if the block succeeds."""
-    path = Path(path)
-    try:
-        handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise PipelineError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        # mkstemp makes the file private (0600); give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise PipelineError(f"cannot write {path}: {exc.strerror or exc}; choose another output path") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def save_checked(model_proto: onnx.ModelProto, path: Path) -> Path:
     """Write one self-contained file atomically; onnx.checker (full check) must accept it first."""
-    with atomic_path(path) as tmp:
-        onnx.save_model(model_proto, tmp, save_as_external_data=False)
-        onnx.checker.check_model(str(tmp), full_check=True)
-    return Path(path)
+    onnx.checker.check_model(model_proto, full_check=True)
+    return write_bytes(path, model_proto.SerializeToString())
 
 
 def contract_metadata(

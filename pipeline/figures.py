@@ -7,8 +7,6 @@ can be drawn from any thread and never pop up a window.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from pipeline.files import atomic_write  # noqa: E402
+
 CORRECT_COLOR = "#1a7f37"
 WRONG_COLOR = "#cf222e"
 NOISE_COLOR = "#8c959f"
@@ -30,14 +30,8 @@ def save_figure(fig: Figure, path: Path, dpi: int = 110) -> Path:
     """Write a PNG via a temporary name in the same folder, so no half-written file is left."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png.part")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=dpi, bbox_inches="tight")
     return path
 
 

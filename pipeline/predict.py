@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -29,6 +28,7 @@ from PIL import Image, ImageOps
 
 from pipeline.config import CLASS_NAMES, INPUT_SHAPE, ONNX_OUTPUT_NAME
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_write
 from pipeline.idx import open_maybe_gzip, read_header
 
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
@@ -609,20 +609,9 @@ def predict(
     if output is None:
         run_batches(predictor, inputs, config, TableWriter(stdout or sys.stdout, fmt, config.top_k), summary, stdin)
     else:
-        # Not mkstemp: its files are private (0600); this one gets the usual umask permissions.
-        tmp = output.with_name(f".{output.name}.{secrets.token_hex(4)}.tmp")
-        text = {} if fmt == "parquet" else {"encoding": "utf-8", "newline": ""}
-        try:
-            stream = open(tmp, "xb" if fmt == "parquet" else "x", **text)  # closed by the with below
-        except OSError as exc:
-            raise PipelineError(f"cannot write {output}: {exc.strerror or exc}") from None
-        try:
-            with stream:
-                run_batches(predictor, inputs, config, TableWriter(stream, fmt, config.top_k), summary, stdin)
-            os.replace(tmp, output)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        text = ("wb", {}) if fmt == "parquet" else ("w", {"encoding": "utf-8", "newline": ""})
+        with atomic_write(output, text[0], **text[1]) as stream:
+            run_batches(predictor, inputs, config, TableWriter(stream, fmt, config.top_k), summary, stdin)
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -1,0 +1,35 @@
+"""The one atomic writer: whole file or nothing, 0644, clear error for an unwritable folder."""
+
+from __future__ import annotations
+
+import stat
+
+import pytest
+
+from pipeline.errors import PipelineError
+from pipeline.files import atomic_write, write_bytes
+
+
+def test_writes_whole_file_readable_by_others(tmp_path):
+    path = write_bytes(tmp_path / "out.bin", b"abc")
+    assert path.read_bytes() == b"abc"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_failure_inside_the_block_leaves_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_text("old\n")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(path, "w") as handle:
+            handle.write("half a new ")
+            raise KeyboardInterrupt
+    assert path.read_text() == "old\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
+
+
+def test_unwritable_folder_is_a_clear_error(tmp_path):
+    not_a_folder = tmp_path / "raw"
+    not_a_folder.write_text("a file where a folder should be")
+    with pytest.raises(PipelineError, match=r"cannot write .*raw/x"):
+        write_bytes(not_a_folder / "x", b"data")
