@@ -1,7 +1,8 @@
 """`pipeline`: one thin command per stage.
 
-Each command parses options, calls one library function, and reports. Heavy imports
-(torch, mlflow, onnxruntime) happen inside the commands so `pipeline --help` is instant.
+Each command parses options, calls one job in pipeline.jobs, and prints what it returns.
+Heavy imports (torch, mlflow, onnxruntime) happen inside the jobs, so `pipeline --help` is
+instant and Click rejects a bad option value before any of them is loaded.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import DATA_DIR_ENV, default_data_dir
+from pipeline import cli_args, jobs
+from pipeline.config import DEVICES, PRECISIONS, TrainConfig
 from pipeline.errors import PipelineError
 
 
@@ -26,27 +28,6 @@ class PipelineGroup(click.Group):
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             sys.exit(130)
-
-
-# ----------------------------------------------------------------- shared options
-
-data_dir_option = click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=default_data_dir,
-    show_default=f"data/ at the project root, or ${DATA_DIR_ENV}",
-    envvar=DATA_DIR_ENV,
-    help="Where Fashion-MNIST lives (torchvision layout: DIR/FashionMNIST/raw/).",
-)
-
-
-def run_id_option(required_help: str):
-    return click.option(
-        "--run-id",
-        envvar="MLFLOW_RUN_ID",
-        show_envvar=True,
-        help=f"MLflow run id {required_help}. Inside `mlflow run` it defaults to that run.",
-    )
 
 
 def echo_err(message: str) -> None:
@@ -66,8 +47,8 @@ def cli() -> None:
     """
 
 
-@cli.command()
-@data_dir_option
+@cli.command("download")
+@cli_args.DATA_DIR
 @click.option(
     "--source",
     metavar="PATH|URL",
@@ -77,12 +58,9 @@ def cli() -> None:
     "torchvision's mirrors.  [default: none]",
 )
 @click.option("--timeout", type=float, default=30.0, help="Seconds to wait for a network source.")
-def download(data_dir: Path, source: str | None, timeout: float) -> None:
+def download_command(data_dir: Path, source: str | None, timeout: float) -> None:
     """Put the four Fashion-MNIST files in DATA_DIR, verified by SHA-256."""
-    from pipeline.data import default_sources
-    from pipeline.data import download as fetch
-
-    report = fetch(data_dir, default_sources(source, timeout))
+    report = jobs.download(data_dir, source, timeout)
     if report.already_present:
         click.echo(f"Fashion-MNIST is present and verified in {data_dir}.")
         return
@@ -91,12 +69,12 @@ def download(data_dir: Path, source: str | None, timeout: float) -> None:
     click.echo(f"Fashion-MNIST verified and saved in {data_dir}.")
 
 
-@cli.command()
-@click.option("--model", "model_name", default="cnn", help="Model to train: dnn or cnn (the chapter's).")
-@click.option("--epochs", type=int, default=5, help="Passes over the 60,000 training images.")
-@click.option("--batch-size", type=int, default=100, help="Images per optimizer step.")
-@click.option("--lr", type=float, default=0.001, help="Adam learning rate.")
-@click.option("--seed", type=int, default=0, help="Seeds weights, dropout and shuffling.")
+@cli.command("train")
+@cli_args.MODEL
+@click.option("--epochs", type=int, default=TrainConfig.epochs, help="Passes over the 60,000 training images.")
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size, help="Images per optimizer step.")
+@click.option("--lr", type=float, default=TrainConfig.lr, help="Adam learning rate.")
+@click.option("--seed", type=int, default=TrainConfig.seed, help="Seeds weights, dropout and shuffling.")
 @click.option(
     "--max-steps",
     type=click.IntRange(min=0),
@@ -105,24 +83,26 @@ def download(data_dir: Path, source: str | None, timeout: float) -> None:
 )
 @click.option(
     "--device",
-    type=click.Choice(["auto", "cpu", "cuda"]),
-    default="auto",
+    type=click.Choice(DEVICES),
+    default=TrainConfig.device,
     help="auto picks cuda when torch sees a GPU.",
 )
-@click.option("--log-every", type=int, default=50, help="Log the mean training loss every N steps.")
+@click.option("--log-every", type=int, default=TrainConfig.log_every, help="Log the mean training loss every N steps.")
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
-    default="auto",
+    type=click.Choice(PRECISIONS),
+    default=TrainConfig.precision,
     help="bf16 runs forward/backward under bfloat16 autocast (weights stay fp32); auto picks bf16 where "
     "the CPU or GPU computes it natively, else fp32.",
 )
-@click.option("--channels-last/--no-channels-last", default=True, help="NHWC memory layout for conv layers.")
-@data_dir_option
 @click.option(
-    "--experiment", default=None, help="MLflow experiment.  [default: $MLFLOW_EXPERIMENT_NAME or fashion-mnist]"
+    "--channels-last/--no-channels-last",
+    default=TrainConfig.channels_last,
+    help="NHWC memory layout for conv layers.",
 )
-def train(
+@cli_args.DATA_DIR
+@cli_args.EXPERIMENT
+def train_command(
     model_name: str,
     epochs: int,
     batch_size: int,
@@ -137,11 +117,6 @@ def train(
     experiment: str | None,
 ) -> None:
     """Train a model and record params, metrics and the model in MLflow."""
-    from pipeline import tracking
-    from pipeline.progress import ProgressBar
-    from pipeline.train import TrainConfig
-    from pipeline.train import train as run_training
-
     config = TrainConfig(
         model=model_name,
         epochs=epochs,
@@ -155,24 +130,19 @@ def train(
         channels_last=channels_last,
         data_dir=data_dir,
     )
-    from pipeline.models import model_class
-
-    model_class(config.model)  # an unknown name fails here, before a run is created
-    with tracking.run(run_name=model_name, experiment=experiment, tags={"stage": "train"}) as active:
-        result = run_training(config, [tracking.MlflowTrainCallback(), ProgressBar()])
-        model_uri = tracking.log_torch_model(result.model, result.example_input, result.params["class_names"])
-    m = result.metrics
+    job = jobs.train(config, experiment)
+    m = job.metrics
     click.echo(
         f"Trained {model_name} for {m['steps']} steps in {m['wall_time_s']:.1f} s "
         f"({m['train_images_per_s']:,.0f} images/s): test accuracy {m['test_accuracy']:.2%}, "
         f"test loss {m['test_loss']:.4f}"
     )
-    click.echo(f"Run id: {active.info.run_id}")
-    click.echo(f"Model:  {model_uri}")
+    click.echo(f"Run id: {job.run_id}")
+    click.echo(f"Model:  {job.model_uri}")
 
 
-@cli.command()
-@run_id_option("of a `pipeline train` run; the results are logged into it")
+@cli.command("evaluate")
+@cli_args.run_id("of a `pipeline train` run; the results are logged into it", required=False)
 @click.option(
     "--model-uri",
     metavar="URI",
@@ -180,16 +150,11 @@ def train(
     help="Evaluate this model instead: runs:/<run_id>/model, models:/<model_id> or models:/<name>/<version>. "
     "Results go into the run that logged it.  [default: none]",
 )
-@data_dir_option
+@cli_args.DATA_DIR
 @click.option("--batch-size", type=click.IntRange(min=1), default=200, help="Test images per forward pass.")
-def evaluate(run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int) -> None:
+def evaluate_command(run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int) -> None:
     """Per-class accuracy, confusion matrix and figures on the test set, logged into the run."""
-    import tempfile
-
-    from pipeline import tracking
-    from pipeline.data import load_split
-    from pipeline.evaluate import CURVE_METRICS, PER_CLASS_TABLE, format_evaluation, write_report
-    from pipeline.evaluate import evaluate as run_evaluation
+    from pipeline.evaluate import format_evaluation
 
     # Inside `mlflow run`, MLFLOW_RUN_ID fills --run-id; an explicit --model-uri still wins.
     run_id_from_env = (
@@ -199,30 +164,13 @@ def evaluate(run_id: str | None, model_uri: str | None, data_dir: Path, batch_si
         raise PipelineError("give --run-id or --model-uri, not both")
     if not (model_uri or run_id):
         raise PipelineError("which model? give --run-id ID (list runs with `make ui`) or --model-uri URI")
-    tracking.connect()
-    run_id = tracking.run_id_for_model(model_uri) if model_uri else tracking.ensure_run(run_id).info.run_id
-    model, class_names = tracking.load_run_model(run_id)
-    split = load_split(data_dir, "test")
-    result = run_evaluation(model, split.images, split.labels, class_names, batch_size)
-    history = tracking.metric_history(run_id, CURVE_METRICS)
-    # Logged at the run's last training step, so these become the run's latest values.
-    last_step = int(history["step"].max()) if len(history) else 0
-    with tempfile.TemporaryDirectory() as tmp:
-        subtitle = f" · {getattr(model, 'registry_name', type(model).__name__)} run {run_id[:8]}"
-        written = write_report(result, split.images, history, Path(tmp), subtitle)
-        with tracking.run(run_id=run_id):
-            tracking.log_metrics(result.metrics, step=last_step)
-            tracking.log_table(result.per_class, PER_CLASS_TABLE)
-            tracking.log_artifacts(Path(tmp))
-    click.echo(format_evaluation(result))
-    artifacts = ", ".join([f"{PER_CLASS_TABLE} (table)", *(path.name for path in written)])
-    click.echo(f"\nLogged into run {run_id}: {len(result.metrics)} metrics; {artifacts}")
+    job = jobs.evaluate(None if model_uri else run_id, model_uri, data_dir, batch_size)
+    click.echo(format_evaluation(job.evaluation))
+    click.echo(f"\nLogged into run {job.run_id}: {len(job.evaluation.metrics)} metrics; {', '.join(job.artifacts)}")
 
 
-@cli.command()
-@click.option(
-    "--experiment", default=None, help="Experiment to search.  [default: $MLFLOW_EXPERIMENT_NAME or fashion-mnist]"
-)
+@cli.command("compare")
+@cli_args.EXPERIMENT
 @click.option(
     "--run-id",
     "run_ids",
@@ -236,28 +184,16 @@ def evaluate(run_id: str | None, model_uri: str | None, data_dir: Path, batch_si
     default=Path("outputs/compare"),
     help="Where compare.csv and the bar chart go.",
 )
-def compare(experiment: str | None, run_ids: tuple[str, ...], output_dir: Path) -> None:
+def compare_command(experiment: str | None, run_ids: tuple[str, ...], output_dir: Path) -> None:
     """Evaluated runs side by side: params, cost, overall and per-class accuracy, differences."""
-    from pipeline import tracking
-    from pipeline.compare import compare as compare_runs
-    from pipeline.compare import format_comparison, select_runs, write_outputs
-    from pipeline.evaluate import PER_CLASS_CSV
+    from pipeline.compare import format_comparison
 
-    selected = select_runs(tracking.search_runs(experiment, run_ids), run_ids)
-    supports = {}  # test images per class, for the noise margins
-    for run_id in selected["run_id"]:
-        try:
-            table = tracking.read_csv_artifact(run_id, PER_CLASS_CSV)
-        except PipelineError:
-            continue
-        supports[run_id] = dict(zip(table["class_name"], table["support"], strict=True))
-    comparison = compare_runs(selected, supports)
-    written = write_outputs(comparison, output_dir)
+    comparison, written = jobs.compare(experiment, run_ids, output_dir)
     click.echo(format_comparison(comparison))
     click.echo(f"\nWrote {', '.join(str(path) for path in written)}")
 
 
-@cli.command()
+@cli.command("predict")
 @click.option(
     "--model",
     "model",
@@ -280,7 +216,7 @@ def compare(experiment: str | None, run_ids: tuple[str, ...], output_dir: Path) 
 )
 @click.option("--strict", is_flag=True, help="Exit non-zero if any input failed, not only if all did.")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
-def predict(
+def predict_command(
     model: str, output: Path | None, batch_size: int, top_k: int, invert: bool, strict: bool, inputs: tuple[str, ...]
 ) -> None:
     """Classify images with an ONNX model in onnxruntime (no torch), one table row per image.
@@ -289,22 +225,12 @@ def predict(
     arrays (N, 28, 28) or (N, 1, 28, 28) as uint8 0-255 or float 0-1, IDX files (raw or .gz),
     or - to read paths from stdin. Unreadable inputs get a row with an error and the run goes on.
     """
-    import tempfile
+    from pipeline.predict import PredictConfig
 
-    from pipeline.predict import PredictConfig, Predictor, is_model_uri
-    from pipeline.predict import predict as run_prediction
-
-    with tempfile.TemporaryDirectory(prefix="pipeline-predict-") as tmp:
-        model_path: str | Path = model
-        if is_model_uri(model):
-            from pipeline import tracking
-
-            model_path = tracking.download_onnx_model(model, Path(tmp))
-        predictor = Predictor(model_path)
-        if predictor.metadata_warning:
-            echo_err(f"Warning: {predictor.metadata_warning}")
-        config = PredictConfig(batch_size=batch_size, top_k=top_k, invert=invert)
-        summary = run_prediction(predictor, inputs, output, config)
+    job = jobs.predict(model, inputs, output, PredictConfig(batch_size=batch_size, top_k=top_k, invert=invert))
+    if job.warning:
+        echo_err(f"Warning: {job.warning}")
+    summary = job.summary
     echo_err(summary.line() + (f"; table in {output}" if output else ""))
     if summary.predicted == 0:
         raise PipelineError("nothing was predicted; the error column says why each input failed")
@@ -312,22 +238,8 @@ def predict(
         raise PipelineError(f"--strict: {summary.failed:,} input(s) failed; the error column says why")
 
 
-# ----------------------------------------------------------------- export-onnx / check-parity
-
-
-def _log_parity(result) -> None:
-    """Parity metrics, parity.json and the parity tag, into the active run; then the report."""
-    from pipeline import tracking
-
-    tracking.log_metrics(result.metrics())
-    tracking.log_dict(result.to_dict(), "parity.json")
-    tracking.set_tags({"parity": "passed" if result.passed else "failed"})
-    for line in result.summary_lines():
-        click.echo(line)
-
-
 @cli.command("export-onnx")
-@run_id_option("of the trained model to export (required)")
+@cli_args.run_id("of the trained model to export")
 @click.option(
     "--output",
     type=click.Path(),  # a str: Path() would drop the trailing slash that asks for a directory
@@ -350,73 +262,38 @@ def _log_parity(result) -> None:
     help="Export a copy with conv+BN folded and Linear layers with nothing nonlinear between them merged "
     "(faster, same logits to ~1e-5); parity is still checked against the original model.  [default: fold]",
 )
-@data_dir_option
-def export_onnx(
-    run_id: str | None, output: str | None, opset: int | None, quantize: str, fold: bool | None, data_dir: Path
-):
+@cli_args.DATA_DIR
+def export_onnx_command(
+    run_id: str, output: str | None, opset: int | None, quantize: str, fold: bool | None, data_dir: Path
+) -> None:
     """Export a run's model to ONNX, log it to the run, and check parity with torch.
 
     Exits non-zero when parity (or the int8 accuracy check) fails; the run is tagged parity=failed.
     """
-    import tempfile
+    job = jobs.export_onnx(run_id, output, opset, quantize, fold, data_dir)
+    fp32, *int8 = job.models
+    _echo_exported(job, fp32)
+    if job.folded_layers:
+        click.echo(f"Folded for inference: {job.folded_layers}")
+    for line in job.parity.summary_lines():
+        click.echo(line)
+    for exported in int8:
+        _echo_exported(job, exported)
+        for line in job.int8_check.summary_lines():
+            click.echo(line)
+    # The training run keeps its status, tagged parity=failed; the exit code says it failed.
+    if job.failures:
+        raise PipelineError("\n".join(job.failures))
 
-    from pipeline import export, tracking
-    from pipeline.data import load_split
-    from pipeline.parity import check_parity, check_quantized
 
-    if not run_id:
-        raise click.UsageError("--run-id is required (inside `mlflow run` it defaults to the job's run)")
-    tracking.connect()
-    model, class_names = tracking.load_run_model(run_id)
-    model_name = model.registry_name
-    target = export.resolve_output(output, model_name) if output else None
-    test = load_split(data_dir, "test")
-    calibration = export.calibration_sample(load_split(data_dir, "train").images) if quantize == "int8" else None
-    example = export.example_input(test.images)
-    fold = export.FOLD_BY_DEFAULT if fold is None else fold
-    with tempfile.TemporaryDirectory(prefix="export-onnx-") as tmp:
-        onnx_path = export.export_onnx(
-            model,
-            target or Path(tmp) / export.default_output_name(model_name),
-            class_names,
-            model_name,
-            run_id,
-            opset,
-            fold=fold,
-        )
-        folded_layers = export.read_metadata(onnx_path).get(export.FOLDED_LAYERS_KEY)
-        parity = check_parity(model, onnx_path, test.images, test.labels, class_names)
-        if quantize == "int8":
-            int8_path = export.quantize_int8(onnx_path, export.int8_path_for(onnx_path), calibration)
-            int8_check = check_quantized(model, int8_path, test.images, test.labels, class_names)
-        with tracking.run(run_id=run_id):
-            model_uri = tracking.log_onnx_model(onnx_path, "fp32", example, export.onnx_logits(onnx_path, example))
-            click.echo(f"ONNX model ({model_name}, fp32): {model_uri} in run {run_id}")
-            if target:
-                click.echo(f"Written to: {onnx_path}")
-            if folded_layers:
-                click.echo(f"Folded for inference: {folded_layers}")
-            _log_parity(parity)
-            if quantize == "int8":
-                int8_uri = tracking.log_onnx_model(int8_path, "int8", example, export.onnx_logits(int8_path, example))
-                tracking.log_metrics(int8_check.metrics())
-                tracking.log_dict(int8_check.to_dict(), "int8_check.json")
-                tracking.set_tags({"int8_check": "passed" if int8_check.passed else "failed"})
-                click.echo(f"ONNX model ({model_name}, int8): {int8_uri} in run {run_id}")
-                if target:
-                    click.echo(f"Written to: {int8_path}")
-                for line in int8_check.summary_lines():
-                    click.echo(line)
-    # Raised after the run is closed: the training run keeps its status, tagged parity=failed.
-    failures = [] if parity.passed else [parity.failure_message()]
-    if quantize == "int8" and not int8_check.passed:
-        failures.append(int8_check.failure_message())
-    if failures:
-        raise PipelineError("\n".join(failures))
+def _echo_exported(job: jobs.ExportJob, exported: jobs.ExportedModel) -> None:
+    click.echo(f"ONNX model ({job.model_name}, {exported.variant}): {exported.model_uri} in run {job.run_id}")
+    if exported.path:
+        click.echo(f"Written to: {exported.path}")
 
 
 @cli.command("check-parity")
-@run_id_option("whose torch model is the reference (required)")
+@cli_args.run_id("whose torch model is the reference")
 @click.option(
     "--onnx",
     "onnx_file",
@@ -424,33 +301,20 @@ def export_onnx(
     default=None,
     help="The .onnx file to check.  [default: the one `export-onnx` logged to the run]",
 )
-@data_dir_option
-def check_parity_command(run_id: str | None, onnx_file: Path | None, data_dir: Path) -> None:
+@cli_args.DATA_DIR
+def check_parity_command(run_id: str, onnx_file: Path | None, data_dir: Path) -> None:
     """Compare a run's torch model with an ONNX file under onnxruntime; non-zero exit on mismatch."""
-    import tempfile
-
-    from pipeline import tracking
-    from pipeline.data import load_split
-    from pipeline.parity import check_parity
-
-    if not run_id:
-        raise click.UsageError("--run-id is required (inside `mlflow run` it defaults to the job's run)")
-    tracking.connect()
-    model, class_names = tracking.load_run_model(run_id)
-    test = load_split(data_dir, "test")
-    with tempfile.TemporaryDirectory(prefix="check-parity-") as tmp:
-        onnx_path = onnx_file or tracking.download_onnx_model(tracking.run_onnx_model_uri(run_id), Path(tmp))
-        result = check_parity(model, onnx_path, test.images, test.labels, class_names)
+    result = jobs.check_parity(run_id, onnx_file, data_dir)
     source = result.onnx_metadata.get("source_run_id")
     if source != run_id:
-        echo_err(f"Warning: {onnx_path} was exported from run {source}, not {run_id}.")
-    with tracking.run(run_id=run_id):
-        _log_parity(result)
+        echo_err(f"Warning: {result.onnx_path} was exported from run {source}, not {run_id}.")
+    for line in result.summary_lines():
+        click.echo(line)
     if not result.passed:
         raise PipelineError(result.failure_message())
 
 
-@cli.command()
+@cli.command("bench")
 @click.option("--quick", is_flag=True, help="A smoke run of every measurement, in about two minutes (CI runs it).")
 @click.option(
     "--run-id",
@@ -475,57 +339,14 @@ def check_parity_command(run_id: str | None, onnx_file: Path | None, data_dir: P
     default=Path("outputs/bench"),
     help="Where bench.json and bench.md go.",
 )
-@data_dir_option
-def bench(
+@cli_args.DATA_DIR
+def bench_command(
     quick: bool, run_id: str | None, steps: int | None, full_job: bool | None, output_dir: Path, data_dir: Path
 ) -> None:
     """Benchmark our stages against the chapter's own loop, side by side; PASS/MISS per target."""
-    import tempfile
-
-    from pipeline import bench as benchmarks
-    from pipeline import tracking
-    from pipeline.files import write_text
-
-    config = benchmarks.BenchConfig(
-        quick=quick, data_dir=data_dir, train_steps=steps or 0, full_job=(not quick) if full_job is None else full_job
-    )
-    model, class_names, model_source = _bench_model(run_id, config)
-    echo_err(f"Benchmarking inference on {model_source}.")
-    with tempfile.TemporaryDirectory() as tmp:
-        results = benchmarks.run_benchmarks(
-            config, model, class_names, Path(tmp), progress=lambda message: echo_err(f"- {message}")
-        )
-    results["model_source"] = model_source
-    report = benchmarks.render_markdown(results)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    benchmarks.save_json(results, output_dir / "bench.json")
-    write_text(output_dir / "bench.md", report)
-    with tracking.run(experiment="benchmarks", run_name="bench-quick" if quick else "bench", tags={"stage": "bench"}):
-        tracking.log_params(benchmarks.config_dict(config))
-        tracking.log_metrics({k: float(v) for k, v in results["headline"].items() if isinstance(v, (int, float))})
-        tracking.log_artifact(output_dir / "bench.json")
-        tracking.log_artifact(output_dir / "bench.md")
-    click.echo(report)
-    click.echo(f"Wrote {output_dir / 'bench.json'} and {output_dir / 'bench.md'}; logged to experiment 'benchmarks'.")
-
-
-def _bench_model(run_id: str | None, config):
-    """The CNN whose inference is benchmarked: a given run, the latest real one, or a quick one."""
-    from pipeline import tracking
-    from pipeline.config import CLASS_NAMES
-    from pipeline.train import TrainConfig, train
-
-    if run_id is None:
-        runs = tracking.search_runs() if tracking.has_experiment() else None
-        if runs is not None and not runs.empty and "params.model" in runs:
-            finished = runs[(runs["status"] == "FINISHED") & (runs["params.model"] == "cnn")]
-            if not finished.empty:
-                run_id = finished.iloc[0]["run_id"]
-    if run_id:
-        model, names = tracking.load_run_model(run_id)
-        return model, names, f"run {run_id}"
-    result = train(TrainConfig(model="cnn", max_steps=config.train_steps, data_dir=config.data_dir))
-    return result.model, list(CLASS_NAMES), f"a CNN trained here for {config.train_steps} steps (no finished run found)"
+    job = jobs.bench(quick, run_id, steps, full_job, output_dir, data_dir, progress=echo_err)
+    click.echo(job.report)
+    click.echo(f"Wrote {job.written[0]} and {job.written[1]}; logged to experiment 'benchmarks'.")
 
 
 def main() -> None:

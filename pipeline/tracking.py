@@ -44,6 +44,11 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+def experiment_name(experiment: str | None = None) -> str:
+    """The experiment a command means: --experiment, else $MLFLOW_EXPERIMENT_NAME, else the default."""
+    return experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+
+
 def connect() -> str:
     """Point mlflow at the store only, for commands that read runs (no experiment is created)."""
     uri = tracking_uri()
@@ -59,7 +64,7 @@ def configure(experiment: str | None = None) -> str:
     mlflow.set_tracking_uri(uri)
     if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run`: its run already has an experiment
         return uri
-    name = experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+    name = experiment_name(experiment)
     if mlflow.get_experiment_by_name(name) is None:
         location = None
         if uri.startswith("sqlite:///"):
@@ -81,7 +86,7 @@ def run(
     configure(experiment)
     if run_id:
         # start_run refuses to resume a run outside the active experiment, so follow the run.
-        mlflow.set_experiment(experiment_id=ensure_run(run_id).info.experiment_id)
+        mlflow.set_experiment(experiment_id=get_run(run_id).info.experiment_id)
     active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
     try:
         yield active
@@ -95,7 +100,8 @@ def run(
         mlflow.end_run()
 
 
-def ensure_run(run_id: str) -> Any:
+def get_run(run_id: str) -> Any:
+    """The run with this id, or a PipelineError that says where to find run ids."""
     try:
         return mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
@@ -117,15 +123,8 @@ def log_params(params: dict[str, Any]) -> None:
 
 
 def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Numbers from numpy and torch as plain floats, which every store backend accepts."""
     mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
-
-
-def log_dict(data: Any, artifact_file: str) -> None:
-    mlflow.log_dict(data, artifact_file)
-
-
-def log_artifact(path: Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifact(str(path), artifact_path)
 
 
 def log_torch_model(model: Any, example: Any, class_names: list[str]) -> str:
@@ -138,7 +137,7 @@ def log_torch_model(model: Any, example: Any, class_names: list[str]) -> str:
     import torch
     from mlflow.models import infer_signature
 
-    from pipeline.models import save_checkpoint
+    from pipeline.checkpoint import save_checkpoint
 
     # Standard layout for the saved program: channels_last is a training-speed choice, and
     # torch.export's archive warns about (and mis-groups) its strided weights.
@@ -174,7 +173,7 @@ def quiet_downloads() -> Iterator[None]:
 
 
 def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) -> Path:
-    ensure_run(run_id)
+    get_run(run_id)
     try:
         with quiet_downloads():
             local = mlflow.artifacts.download_artifacts(
@@ -189,7 +188,7 @@ def download_artifact(run_id: str, artifact_path: str, dst: Path | None = None) 
 
 def load_run_model(run_id: str) -> tuple[Any, list[str]]:
     """The trained nn.Module of a run (eval mode) and its class names, from its checkpoint."""
-    from pipeline.models import load_checkpoint
+    from pipeline.checkpoint import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         return load_checkpoint(download_artifact(run_id, CHECKPOINT_ARTIFACT, Path(tmp)))
@@ -250,8 +249,11 @@ def log_table(table: Any, artifact_file: str) -> None:
         mlflow.log_table(data=table, artifact_file=artifact_file)
 
 
-def log_artifacts(folder: Path, artifact_path: str | None = None) -> None:
-    mlflow.log_artifacts(str(folder), artifact_path)
+def log_evaluation(metrics: dict[str, float], step: int, per_class: Any, table_file: str, folder: Path) -> None:
+    """An evaluation into the active run: metrics at `step`, the per-class table, and `folder`'s files."""
+    log_metrics(metrics, step=step)
+    log_table(per_class, table_file)
+    mlflow.log_artifacts(str(folder))
 
 
 def run_id_for_model(model_uri: str) -> str:
@@ -268,7 +270,7 @@ def run_id_for_model(model_uri: str) -> str:
             ) from None
         if not run_id:
             raise PipelineError(f"model {model_uri!r} was not logged from a run; evaluate it with --run-id instead")
-    ensure_run(run_id)
+    get_run(run_id)
     return run_id
 
 
@@ -292,9 +294,18 @@ def metric_history(run_id: str, keys: Iterable[str]) -> Any:
     return pd.DataFrame(rows, columns=["key", "step", "value", "timestamp"])
 
 
-def has_experiment(experiment: str | None = None) -> bool:
+def latest_finished_run(model_name: str, experiment: str | None = None) -> str | None:
+    """The newest FINISHED run that trained `model_name` in the experiment, if there is one."""
     connect()
-    return mlflow.get_experiment_by_name(experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT) is not None
+    if mlflow.get_experiment_by_name(experiment_name(experiment)) is None:
+        return None
+    found = mlflow.search_runs(
+        experiment_names=[experiment_name(experiment)],
+        filter_string=f"params.model = '{model_name}' AND attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return None if found.empty else str(found.iloc[0]["run_id"])
 
 
 def search_runs(experiment: str | None = None, run_ids: Iterable[str] = ()) -> Any:
@@ -303,10 +314,10 @@ def search_runs(experiment: str | None = None, run_ids: Iterable[str] = ()) -> A
     run_ids = list(run_ids)
     if run_ids:
         for run_id in run_ids:
-            ensure_run(run_id)
+            get_run(run_id)
         quoted = ", ".join(f"'{run_id}'" for run_id in run_ids)
         return mlflow.search_runs(search_all_experiments=True, filter_string=f"attributes.run_id IN ({quoted})")
-    name = experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
+    name = experiment_name(experiment)
     if mlflow.get_experiment_by_name(name) is None:
         raise PipelineError(f"no experiment {name!r} in the tracking store {tracking_uri()}; pass --experiment")
     return mlflow.search_runs(experiment_names=[name], order_by=["attributes.start_time DESC"])
@@ -329,8 +340,8 @@ class MlflowTrainCallback(TrainCallback):
             {k: v for k, v in result.metrics.items() if k not in ("test_accuracy", "test_loss")},
             step=result.metrics["steps"],
         )
-        log_dict(result.params["class_names"], "class_names.json")
-        log_dict(result.history, "history.json")
+        mlflow.log_dict(result.params["class_names"], "class_names.json")
+        mlflow.log_dict(result.history, "history.json")
 
 
 # ----------------------------------------------------------------- ONNX export helpers
@@ -362,13 +373,24 @@ def log_onnx_model(path: Path, variant: str, input_example: Any, output_example:
     return info.model_uri
 
 
-def set_tags(tags: dict[str, str]) -> None:
-    mlflow.set_tags(tags)
+def log_check(result: Any, artifact_file: str, tag: str) -> None:
+    """A parity or int8 check into the active run: its metrics, its full report, and a passed/failed tag."""
+    log_metrics(result.metrics())
+    mlflow.log_dict(result.to_dict(), artifact_file)
+    mlflow.set_tag(tag, "passed" if result.passed else "failed")
+
+
+def log_report(params: dict[str, Any], metrics: dict[str, float], files: Iterable[Path]) -> None:
+    """A benchmark's settings, headline figures and report files into the active run."""
+    log_params(params)
+    log_metrics(metrics)
+    for path in files:
+        mlflow.log_artifact(str(path))
 
 
 def run_onnx_model_uri(run_id: str, variant: str = "fp32") -> str:
     """The URI of the ONNX model `export-onnx` logged to the run (see log_onnx_model)."""
-    model_uri = ensure_run(run_id).data.tags.get(ONNX_URI_TAGS[variant])
+    model_uri = get_run(run_id).data.tags.get(ONNX_URI_TAGS[variant])
     if not model_uri:
         raise PipelineError(
             f"run {run_id} has no logged {variant} ONNX model; run `pipeline export-onnx --run-id {run_id}` "

@@ -19,45 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.callbacks import TrainCallback
-from pipeline.config import CLASS_NAMES, default_data_dir
+from pipeline.config import CLASS_NAMES, TrainConfig
 from pipeline.data import load_split
 from pipeline.errors import PipelineError
 from pipeline.evaluate import compute_logits, images_to_tensor, loss_and_accuracy
 from pipeline.models import build_model, count_parameters, model_class
-
-
-@dataclass
-class TrainConfig:
-    model: str = "cnn"
-    epochs: int = 5
-    batch_size: int = 100
-    lr: float = 0.001
-    seed: int = 0
-    data_dir: Path = field(default_factory=default_data_dir)
-    max_steps: int | None = None  # stop after this many optimizer steps (smoke runs)
-    device: str = "auto"  # auto | cpu | cuda
-    # Measured (`pipeline bench`): 100-200 images per pass stay in cache; 1,000 is ~1.5x slower.
-    eval_batch_size: int = 200
-    log_every: int = 50  # steps between loss reports to callbacks
-    # Speed levers (measured by `pipeline bench`). channels_last only changes the memory layout
-    # of conv activations. bf16 runs the forward/backward matmuls and convs under autocast in
-    # bfloat16 while weights and the optimizer stay float32; "auto" uses it only where the
-    # hardware computes bf16 natively (there it roughly doubles CNN training speed at the same
-    # accuracy), and fp32 elsewhere, where emulated bf16 would be slower.
-    precision: str = "auto"  # auto | fp32 | bf16
-    channels_last: bool = True
-
-    def __post_init__(self) -> None:
-        self.data_dir = Path(self.data_dir)
-        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise PipelineError(f"max_steps must be at least 1, got {self.max_steps}")
-        if self.lr <= 0:
-            raise PipelineError(f"lr must be positive, got {self.lr}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise PipelineError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
 
 @dataclass
@@ -106,7 +72,37 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, steps:
     return list(order.split(batch_size))[:steps]
 
 
-def train(config: TrainConfig, callbacks: list[TrainCallback] = ()) -> TrainResult:
+@dataclass
+class Trainer:
+    """Everything a training run holds between epochs: built once by `setup`, advanced by `run_epoch`."""
+
+    config: TrainConfig
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    precision: str  # resolved: fp32 or bf16
+    layout: torch.memory_format
+    shuffle: torch.Generator  # draws each epoch's order; seeded, so a run repeats exactly
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    steps_per_epoch: int
+    total_steps: int
+    params: dict[str, Any]
+    step: int = 0
+    epoch: int = 0
+    images_seen: int = 0
+    train_seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+
+def setup(config: TrainConfig) -> Trainer:
+    """Decode the data once into tensors, build the model and optimizer, and record the run's params."""
     device = resolve_device(config.device)
     model_class(config.model)  # fail on a bad name before loading data
     train_split = load_split(config.data_dir, "train")
@@ -119,9 +115,8 @@ def train(config: TrainConfig, callbacks: list[TrainCallback] = ()) -> TrainResu
     # fused: one kernel for the whole Adam update instead of a few per parameter tensor.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     precision = resolve_precision(config.precision, device)
-    shuffle = torch.Generator().manual_seed(config.seed)
 
-    # Decoded once; every batch below is an index into these tensors.
+    # Decoded once; every batch is an index into these tensors.
     train_x = images_to_tensor(train_split.images, device)
     train_y = torch.from_numpy(train_split.labels).to(device)
     test_x = images_to_tensor(test_split.images, device)
@@ -147,62 +142,85 @@ def train(config: TrainConfig, callbacks: list[TrainCallback] = ()) -> TrainResu
         **library_versions(),
         **{f"sha256_{name}": digest for name, digest in {**train_split.digests, **test_split.digests}.items()},
     }
+    return Trainer(
+        config=config,
+        model=model,
+        optimizer=optimizer,
+        device=device,
+        precision=precision,
+        layout=layout,
+        shuffle=torch.Generator().manual_seed(config.seed),
+        train_x=train_x,
+        train_y=train_y,
+        test_x=test_x,
+        test_y=test_y,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        params=params,
+    )
+
+
+def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, float]:
+    """One epoch (or what is left of max_steps), then one evaluation on the test set; returns its metrics."""
+    config, model = t.config, t.model
+    t.epoch += 1
+    model.train()
+    steps_this_epoch = min(t.steps_per_epoch, t.total_steps - t.step)
     for cb in callbacks:
-        cb.on_train_start(params)
-
-    history: list[dict[str, float]] = []
-    step, train_seconds, images_seen = 0, 0.0, 0
-    started = time.perf_counter()
-    epoch = 0
-    while step < total_steps:
-        epoch += 1
-        model.train()
-        steps_this_epoch = min(steps_per_epoch, total_steps - step)
+        cb.on_epoch_start(t.epoch, steps_this_epoch)
+    epoch_loss, window_loss, window_steps = 0.0, 0.0, 0
+    tick = time.perf_counter()
+    for index in shuffled_batches(len(t.train_y), config.batch_size, t.shuffle, steps_this_epoch):
+        index = index.to(t.device)
+        with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+            logits = model(t.train_x[index].contiguous(memory_format=t.layout))
+        loss = F.cross_entropy(logits.float(), t.train_y[index])
+        t.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t.optimizer.step()
+        t.step += 1
+        t.images_seen += len(index)
+        loss_value = loss.item()
+        epoch_loss += loss_value
+        window_loss += loss_value
+        window_steps += 1
         for cb in callbacks:
-            cb.on_epoch_start(epoch, steps_this_epoch)
-        epoch_loss, window_loss, window_steps = 0.0, 0.0, 0
-        tick = time.perf_counter()
-        for index in shuffled_batches(len(train_y), config.batch_size, shuffle, steps_this_epoch):
-            index = index.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                logits = model(train_x[index].contiguous(memory_format=layout))
-            loss = F.cross_entropy(logits.float(), train_y[index])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            images_seen += len(index)
-            loss_value = loss.item()
-            epoch_loss += loss_value
-            window_loss += loss_value
-            window_steps += 1
+            cb.on_step(t.step, loss_value, len(index))
+        if t.step % config.log_every == 0:
             for cb in callbacks:
-                cb.on_step(step, loss_value, len(index))
-            if step % config.log_every == 0:
-                for cb in callbacks:
-                    cb.on_log(step, {"train_loss_step": window_loss / window_steps})
-                window_loss, window_steps = 0.0, 0
-        train_seconds += time.perf_counter() - tick
+                cb.on_log(t.step, {"train_loss_step": window_loss / window_steps})
+            window_loss, window_steps = 0.0, 0
+    t.train_seconds += time.perf_counter() - tick
 
-        metrics = {
-            "train_loss": epoch_loss / steps_this_epoch,
-            **loss_and_accuracy(compute_logits(model, test_x, config.eval_batch_size), test_y),
-        }
-        history.append({"epoch": epoch, "step": step, **metrics})
-        for cb in callbacks:
-            cb.on_epoch_end(epoch, step, metrics)
+    metrics = {
+        "train_loss": epoch_loss / steps_this_epoch,
+        **loss_and_accuracy(compute_logits(model, t.test_x, config.eval_batch_size), t.test_y),
+    }
+    t.history.append({"epoch": t.epoch, "step": t.step, **metrics})
+    for cb in callbacks:
+        cb.on_epoch_end(t.epoch, t.step, metrics)
+    return metrics
 
+
+def train(config: TrainConfig, callbacks: list[TrainCallback] = ()) -> TrainResult:
+    """The whole run: setup, epochs until done, and the result with its final metrics."""
+    t = setup(config)
+    for cb in callbacks:
+        cb.on_train_start(t.params)
+    started = time.perf_counter()
+    while not t.done:
+        run_epoch(t, callbacks)
     wall = time.perf_counter() - started
     final = {
-        **{k: v for k, v in history[-1].items() if k not in ("epoch", "step")},
-        "steps": step,
-        "epochs_completed": epoch,
+        **{k: v for k, v in t.history[-1].items() if k not in ("epoch", "step")},
+        "steps": t.step,
+        "epochs_completed": t.epoch,
         "wall_time_s": wall,
-        "train_time_s": train_seconds,
-        "train_images_per_s": images_seen / train_seconds if train_seconds else 0.0,
+        "train_time_s": t.train_seconds,
+        "train_images_per_s": t.images_seen / t.train_seconds if t.train_seconds else 0.0,
     }
-    example = test_x[:2].cpu().numpy()
-    result = TrainResult(model=model, params=params, metrics=final, history=history, example_input=example)
+    example = t.test_x[:2].cpu().numpy()
+    result = TrainResult(model=t.model, params=t.params, metrics=final, history=t.history, example_input=example)
     for cb in callbacks:
         cb.on_train_end(result)
     return result

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.errors import PipelineError
-from pipeline.models import MODELS, build_model, count_parameters, load_checkpoint, save_checkpoint
+from pipeline.models import MODELS, build_model, count_parameters
 
 # Listings 5-7 and 5-10 of the chapter, verbatim.
 CHAPTER_DNN = """FashionDNN(
