@@ -60,7 +60,7 @@ def cli() -> None:
 @click.option("--timeout", type=float, default=30.0, help="Seconds to wait for a network source.")
 def download_command(data_dir: Path, source: str | None, timeout: float) -> None:
     """Put the four Fashion-MNIST files in DATA_DIR, verified by SHA-256."""
-    report = jobs.download(data_dir, source, timeout)
+    report = jobs.download_data(data_dir, source, timeout)
     if report.already_present:
         click.echo(f"Fashion-MNIST is present and verified in {data_dir}.")
         return
@@ -130,7 +130,7 @@ def train_command(
         channels_last=channels_last,
         data_dir=data_dir,
     )
-    job = jobs.train(config, experiment)
+    job = jobs.train_model(config, experiment)
     m = job.metrics
     click.echo(
         f"Trained {model_name} for {m['steps']} steps in {m['wall_time_s']:.1f} s "
@@ -164,7 +164,7 @@ def evaluate_command(run_id: str | None, model_uri: str | None, data_dir: Path, 
         raise PipelineError("give --run-id or --model-uri, not both")
     if not (model_uri or run_id):
         raise PipelineError("which model? give --run-id ID (list runs with `make ui`) or --model-uri URI")
-    job = jobs.evaluate(None if model_uri else run_id, model_uri, data_dir, batch_size)
+    job = jobs.evaluate_run(None if model_uri else run_id, model_uri, data_dir, batch_size)
     click.echo(format_evaluation(job.evaluation))
     click.echo(f"\nLogged into run {job.run_id}: {len(job.evaluation.metrics)} metrics; {', '.join(job.artifacts)}")
 
@@ -188,7 +188,7 @@ def compare_command(experiment: str | None, run_ids: tuple[str, ...], output_dir
     """Evaluated runs side by side: params, cost, overall and per-class accuracy, differences."""
     from pipeline.compare import format_comparison
 
-    comparison, written = jobs.compare(experiment, run_ids, output_dir)
+    comparison, written = jobs.compare_runs(experiment, run_ids, output_dir)
     click.echo(format_comparison(comparison))
     click.echo(f"\nWrote {', '.join(str(path) for path in written)}")
 
@@ -227,7 +227,7 @@ def predict_command(
     """
     from pipeline.predict import PredictConfig
 
-    job = jobs.predict(model, inputs, output, PredictConfig(batch_size=batch_size, top_k=top_k, invert=invert))
+    job = jobs.predict_batch(model, inputs, output, PredictConfig(batch_size=batch_size, top_k=top_k, invert=invert))
     if job.warning:
         echo_err(f"Warning: {job.warning}")
     summary = job.summary
@@ -270,7 +270,7 @@ def export_onnx_command(
 
     Exits non-zero when parity (or the int8 accuracy check) fails; the run is tagged parity=failed.
     """
-    job = jobs.export_onnx(run_id, output, opset, quantize, fold, data_dir)
+    job = jobs.export_run(run_id, output, opset, quantize, fold, data_dir)
     fp32, *int8 = job.models
     _echo_exported(job, fp32)
     if job.folded_layers:
@@ -304,7 +304,7 @@ def _echo_exported(job: jobs.ExportJob, exported: jobs.ExportedModel) -> None:
 @cli_args.DATA_DIR
 def check_parity_command(run_id: str, onnx_file: Path | None, data_dir: Path) -> None:
     """Compare a run's torch model with an ONNX file under onnxruntime; non-zero exit on mismatch."""
-    result = jobs.check_parity(run_id, onnx_file, data_dir)
+    result = jobs.check_run_parity(run_id, onnx_file, data_dir)
     source = result.onnx_metadata.get("source_run_id")
     if source != run_id:
         echo_err(f"Warning: {result.onnx_path} was exported from run {source}, not {run_id}.")
@@ -344,7 +344,7 @@ def bench_command(
     quick: bool, run_id: str | None, steps: int | None, full_job: bool | None, output_dir: Path, data_dir: Path
 ) -> None:
     """Benchmark our stages against the chapter's own loop, side by side; PASS/MISS per target."""
-    job = jobs.bench(quick, run_id, steps, full_job, output_dir, data_dir, progress=echo_err)
+    job = jobs.run_bench(quick, run_id, steps, full_job, output_dir, data_dir, progress=echo_err)
     click.echo(job.report)
     click.echo(f"Wrote {job.written[0]} and {job.written[1]}; logged to experiment 'benchmarks'.")
 

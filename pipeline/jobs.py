@@ -41,7 +41,7 @@ def quiet_known_warnings() -> None:
 # ----------------------------------------------------------------- download
 
 
-def download(data_dir: Path, source: str | None, timeout: float) -> DownloadReport:
+def download_data(data_dir: Path, source: str | None, timeout: float) -> DownloadReport:
     from pipeline import data
 
     return data.download(data_dir, data.default_sources(source, timeout))
@@ -57,15 +57,15 @@ class TrainJob:
     metrics: dict[str, float]
 
 
-def train(config: TrainConfig, experiment: str | None = None) -> TrainJob:
+def train_model(config: TrainConfig, experiment: str | None = None) -> TrainJob:
     """Train `config.model` in a new MLflow run: params, metrics per step and epoch, the model."""
     from pipeline import tracking
     from pipeline.progress import ProgressBar
-    from pipeline.train import train as run_training
+    from pipeline.train import train
 
     quiet_known_warnings()
     with tracking.run(run_name=config.model, experiment=experiment, tags={"stage": "train"}) as active:
-        result = run_training(config, [tracking.MlflowTrainCallback(), ProgressBar()])
+        result = train(config, [tracking.MlflowTrainCallback(), ProgressBar()])
         model_uri = tracking.log_torch_model(result.model, result.example_input, result.params["class_names"])
     return TrainJob(active.info.run_id, model_uri, result.metrics)
 
@@ -80,19 +80,18 @@ class EvaluateJob:
     artifacts: list[str]  # what was logged besides the metrics, in the order logged
 
 
-def evaluate(run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int) -> EvaluateJob:
+def evaluate_run(run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int) -> EvaluateJob:
     """Evaluate a run's model (or the run that logged `model_uri`) on the test set, logged into that run."""
     from pipeline import tracking
     from pipeline.data import load_split
-    from pipeline.evaluate import CURVE_METRICS, PER_CLASS_TABLE, write_report
-    from pipeline.evaluate import evaluate as run_evaluation
+    from pipeline.evaluate import CURVE_METRICS, PER_CLASS_TABLE, evaluate, write_report
 
     quiet_known_warnings()
     tracking.connect()
     run_id = tracking.run_id_for_model(model_uri) if model_uri else tracking.get_run(run_id).info.run_id
     model, class_names = tracking.load_run_model(run_id)
     split = load_split(data_dir, "test")
-    result = run_evaluation(model, split.images, split.labels, class_names, batch_size)
+    result = evaluate(model, split.images, split.labels, class_names, batch_size)
     history = tracking.metric_history(run_id, CURVE_METRICS)
     # Logged at the run's last training step, so these become the run's latest values.
     last_step = int(history["step"].max()) if len(history) else 0
@@ -107,11 +106,10 @@ def evaluate(run_id: str | None, model_uri: str | None, data_dir: Path, batch_si
 # ----------------------------------------------------------------- compare
 
 
-def compare(experiment: str | None, run_ids: tuple[str, ...], output_dir: Path) -> tuple[Comparison, list[Path]]:
+def compare_runs(experiment: str | None, run_ids: tuple[str, ...], output_dir: Path) -> tuple[Comparison, list[Path]]:
     """Evaluated runs side by side; the table and chart are written to `output_dir`."""
     from pipeline import tracking
-    from pipeline.compare import compare as compare_runs
-    from pipeline.compare import select_runs, write_outputs
+    from pipeline.compare import compare, select_runs, write_outputs
     from pipeline.evaluate import PER_CLASS_CSV
 
     selected = select_runs(tracking.search_runs(experiment, run_ids), run_ids)
@@ -122,7 +120,7 @@ def compare(experiment: str | None, run_ids: tuple[str, ...], output_dir: Path) 
         except PipelineError:
             continue
         supports[run_id] = dict(zip(table["class_name"], table["support"], strict=True))
-    comparison = compare_runs(selected, supports)
+    comparison = compare(selected, supports)
     return comparison, write_outputs(comparison, output_dir)
 
 
@@ -135,10 +133,9 @@ class PredictJob:
     warning: str | None  # about the model (e.g. no class names in its metadata), for the CLI to show
 
 
-def predict(model: str, inputs: tuple[str, ...], output: Path | None, config: PredictConfig) -> PredictJob:
+def predict_batch(model: str, inputs: tuple[str, ...], output: Path | None, config: PredictConfig) -> PredictJob:
     """Batch prediction with onnxruntime over a .onnx file or a logged model URI. Never imports torch."""
-    from pipeline.predict import Predictor, is_model_uri
-    from pipeline.predict import predict as run_prediction
+    from pipeline.predict import Predictor, is_model_uri, predict
 
     with tempfile.TemporaryDirectory(prefix="pipeline-predict-") as tmp:
         model_path: str | Path = model
@@ -147,7 +144,7 @@ def predict(model: str, inputs: tuple[str, ...], output: Path | None, config: Pr
 
             model_path = tracking.download_onnx_model(model, Path(tmp))
         predictor = Predictor(model_path)
-        summary = run_prediction(predictor, inputs, output, config)
+        summary = predict(predictor, inputs, output, config)
     return PredictJob(summary, predictor.metadata_warning)
 
 
@@ -178,7 +175,7 @@ class ExportJob:
         return found
 
 
-def export_onnx(
+def export_run(
     run_id: str, output: str | None, opset: int | None, quantize: str, fold: bool | None, data_dir: Path
 ) -> ExportJob:
     """Export a run's model to ONNX (and int8), check parity with torch, log all of it into the run.
@@ -230,11 +227,11 @@ def export_onnx(
     return job
 
 
-def check_parity(run_id: str, onnx_file: Path | None, data_dir: Path) -> ParityResult:
+def check_run_parity(run_id: str, onnx_file: Path | None, data_dir: Path) -> ParityResult:
     """Check an ONNX file (default: the one export-onnx logged) against the run's torch model; logged."""
     from pipeline import tracking
     from pipeline.data import load_split
-    from pipeline.parity import check_parity as run_check
+    from pipeline.parity import check_parity
 
     quiet_known_warnings()
     tracking.connect()
@@ -242,7 +239,7 @@ def check_parity(run_id: str, onnx_file: Path | None, data_dir: Path) -> ParityR
     test = load_split(data_dir, "test")
     with tempfile.TemporaryDirectory(prefix="check-parity-") as tmp:
         onnx_path = onnx_file or tracking.download_onnx_model(tracking.run_onnx_model_uri(run_id), Path(tmp))
-        result = run_check(model, onnx_path, test.images, test.labels, class_names)
+        result = check_parity(model, onnx_path, test.images, test.labels, class_names)
     with tracking.run(run_id=run_id):
         tracking.log_check(result, "parity.json", "parity")
     return result
@@ -258,7 +255,7 @@ class BenchJob:
     model_source: str = ""
 
 
-def bench(
+def run_bench(
     quick: bool,
     run_id: str | None,
     steps: int | None,
@@ -268,29 +265,26 @@ def bench(
     progress: Callable[[str], Any] = lambda message: None,
 ) -> BenchJob:
     """Every benchmark, side by side with its baseline; JSON + Markdown in `output_dir`, logged to 'benchmarks'."""
-    from pipeline import bench as benchmarks
-    from pipeline import tracking
+    from pipeline import bench, tracking
     from pipeline.files import write_text
 
     quiet_known_warnings()
-    config = benchmarks.BenchConfig(
+    config = bench.BenchConfig(
         quick=quick, data_dir=data_dir, train_steps=steps or 0, full_job=(not quick) if full_job is None else full_job
     )
     model, class_names, model_source = _bench_model(run_id, config)
     progress(f"Benchmarking inference on {model_source}.")
     with tempfile.TemporaryDirectory() as tmp:
-        results = benchmarks.run_benchmarks(
-            config, model, class_names, Path(tmp), progress=lambda m: progress(f"- {m}")
-        )
+        results = bench.run_benchmarks(config, model, class_names, Path(tmp), progress=lambda m: progress(f"- {m}"))
     results["model_source"] = model_source
-    report = benchmarks.render_markdown(results)
+    report = bench.render_markdown(results)
     output_dir.mkdir(parents=True, exist_ok=True)
     written = [output_dir / "bench.json", output_dir / "bench.md"]
-    benchmarks.save_json(results, written[0])
+    bench.save_json(results, written[0])
     write_text(written[1], report)
     headline = {k: float(v) for k, v in results["headline"].items() if isinstance(v, (int, float))}
     with tracking.run(experiment="benchmarks", run_name="bench-quick" if quick else "bench", tags={"stage": "bench"}):
-        tracking.log_report(benchmarks.config_dict(config), headline, written)
+        tracking.log_report(bench.config_dict(config), headline, written)
     return BenchJob(report, written, model_source)
 
 
