@@ -53,19 +53,3 @@ def slug(name: str) -> str:
     """'Ankle boot' -> 'ankle_boot', 'T-shirt/top' -> 't_shirt_top': safe in metric names."""
     out = "".join(ch.lower() if ch.isalnum() else "_" for ch in name)
     return "_".join(part for part in out.split("_") if part)
-
-
-# The ONNX contract between `export-onnx` (writes) and the torch-free predictor (reads).
-ONNX_INPUT_NAME = "input"  # float32 (N, 1, 28, 28) in [0, 1], N dynamic
-ONNX_OUTPUT_NAME = "logits"  # float32 (N, num_classes)
-# Keys of the model's metadata_props. class_names is a JSON list in class-id order.
-ONNX_METADATA_KEYS = (
-    "class_names",
-    "input_layout",
-    "input_scaling",
-    "model_name",
-    "source_run_id",
-    "exported_at",
-    "torch_version",
-    "onnx_version",
-)
