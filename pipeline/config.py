@@ -65,22 +65,6 @@ def slug(name: str) -> str:
     return "_".join(part for part in out.split("_") if part)
 
 
-# The ONNX contract between `export-onnx` (writes) and the torch-free predictor (reads).
-ONNX_INPUT_NAME = "input"  # float32 (N, 1, 28, 28) in [0, 1], N dynamic
-ONNX_OUTPUT_NAME = "logits"  # float32 (N, num_classes)
-# Keys of the model's metadata_props. class_names is a JSON list in class-id order.
-ONNX_METADATA_KEYS = (
-    "class_names",
-    "input_layout",
-    "input_scaling",
-    "model_name",
-    "source_run_id",
-    "exported_at",
-    "torch_version",
-    "onnx_version",
-)
-
-
 @dataclass
 class TrainConfig:
     model: str = "cnn"

@@ -1,6 +1,6 @@
 """ONNX export: a trained model as one self-contained, checked .onnx file, plus an int8 variant.
 
-The file follows the contract in pipeline/config.py (input "input", float32 (N, 1, 28, 28)
+The file follows the contract in pipeline/onnx_contract.py (input "input", float32 (N, 1, 28, 28)
 in [0, 1] with a dynamic batch; output "logits"; metadata_props ONNX_METADATA_KEYS), which
 the torch-free predictor reads. Files are written to a temporary name beside the target and
 moved into place only once `onnx.checker` (full check) accepts them, so a failure never
@@ -27,11 +27,18 @@ import torch
 import torch.fx
 from torch import nn
 
-from pipeline.config import ONNX_INPUT_NAME, ONNX_METADATA_KEYS, ONNX_OUTPUT_NAME
 from pipeline.errors import PipelineError
 from pipeline.files import write_bytes
+from pipeline.onnx_contract import (
+    INPUT_SCALING,
+    ONNX_INPUT_NAME,
+    ONNX_METADATA_KEYS,
+    ONNX_OUTPUT_NAME,
+    ContractSession,
+    read_metadata,
+    to_unit_range,
+)
 
-INPUT_SCALING = "[0, 1] (uint8 pixel / 255)"
 INT8_SUFFIX = ".int8.onnx"
 # An extra metadata key on quantised files only; the contract keys are copied unchanged.
 QUANTIZATION_KEY = "quantization"
@@ -117,12 +124,6 @@ def contract_metadata(
     }
     assert tuple(metadata) == ONNX_METADATA_KEYS  # the contract and this writer must not drift apart
     return metadata
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The metadata_props of an .onnx file, without loading its weights."""
-    model = onnx.load_model(str(path), load_external_data=False)
-    return {prop.key: prop.value for prop in model.metadata_props}
 
 
 # ----------------------------------------------------------------- folding
@@ -318,14 +319,12 @@ def export_onnx(
 
 def example_input(images: np.ndarray, count: int = 2) -> np.ndarray:
     """The first `count` uint8 (N, H, W) images as model input, for MLflow's signature and example."""
-    return images[:count, None].astype(np.float32) / np.float32(255.0)
+    return to_unit_range(images[:count, None])
 
 
 def onnx_logits(path: Path | str, inputs: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run([ONNX_OUTPUT_NAME], {ONNX_INPUT_NAME: inputs})[0]
+    """The exported file's logits for model inputs, as the predictor computes them: MLflow's output example."""
+    return ContractSession(path).predict_logits(inputs)
 
 
 # ----------------------------------------------------------------- int8
@@ -336,7 +335,7 @@ def calibration_sample(images: np.ndarray, config: QuantizeConfig = QuantizeConf
     rng = np.random.default_rng(config.seed)
     count = min(config.calibration_images, len(images))
     chosen = np.sort(rng.choice(len(images), size=count, replace=False))
-    return images[chosen, None].astype(np.float32) / np.float32(255.0)
+    return to_unit_range(images[chosen, None])
 
 
 def quantize_int8(

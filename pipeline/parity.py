@@ -14,14 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import torch
 from torch import nn
 
-from pipeline.config import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME
-from pipeline.errors import PipelineError
 from pipeline.evaluate import compute_logits, images_to_tensor
-from pipeline.export import read_metadata
+from pipeline.onnx_contract import ContractSession
 
 
 @dataclass(frozen=True)
@@ -162,31 +159,6 @@ class QuantizedCheckResult:
         )
 
 
-def onnx_session(path: Path | str) -> ort.InferenceSession:
-    """A CPU session for an .onnx file that follows the contract, else a PipelineError."""
-    try:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own types for unreadable or invalid files
-        raise PipelineError(f"{path}: not a loadable ONNX model ({str(exc).strip()})") from None
-    inputs = [i.name for i in session.get_inputs()]
-    outputs = [o.name for o in session.get_outputs()]
-    if inputs != [ONNX_INPUT_NAME] or ONNX_OUTPUT_NAME not in outputs:
-        raise PipelineError(
-            f"{path}: inputs {inputs} and outputs {outputs} don't follow the export contract "
-            f"(input {ONNX_INPUT_NAME!r}, output {ONNX_OUTPUT_NAME!r}); export it with `pipeline export-onnx`"
-        )
-    return session
-
-
-def run_onnx(session: ort.InferenceSession, inputs: np.ndarray, batch_size: int) -> np.ndarray:
-    return np.concatenate(
-        [
-            session.run([ONNX_OUTPUT_NAME], {ONNX_INPUT_NAME: inputs[i : i + batch_size]})[0]
-            for i in range(0, len(inputs), batch_size)
-        ]
-    )
-
-
 def run_torch(model: nn.Module, inputs: np.ndarray, batch_size: int) -> np.ndarray:
     return compute_logits(model, torch.from_numpy(inputs), batch_size).cpu().numpy()
 
@@ -217,7 +189,8 @@ def check_parity(
 ) -> ParityResult:
     """Compare `model` (run in eval mode) with the ONNX file under onnxruntime's CPU provider."""
     config = config or ParityConfig()
-    session = onnx_session(onnx_path)
+    # Opened as the predictor opens it, but held to the contract's exact names: parity judges what export wrote.
+    session = ContractSession(onnx_path, exact_names=True)
     test_inputs = images_to_tensor(test_images).numpy()
     input_shape = tuple(model.input_shape)
 
@@ -231,7 +204,7 @@ def check_parity(
         # The test set runs torch in batches of 1000 and onnxruntime in other sizes, so
         # agreement cannot hinge on both sides seeing identical batches.
         expected = run_torch(model, inputs, 1000 if name == "test" else batch_size)
-        actual = run_onnx(session, inputs, batch_size)
+        actual = session.logits_in_batches(inputs, batch_size)
         diff = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
         per_input = diff.max(axis=1)
         torch_argmax, onnx_argmax = expected.argmax(1), actual.argmax(1)
@@ -282,7 +255,7 @@ def check_parity(
         worst=[offender for _, _, offender in candidates[: config.worst_inputs]],
         input_sets=stats,
         onnx_path=str(onnx_path),
-        onnx_metadata=read_metadata(Path(onnx_path)),
+        onnx_metadata=session.metadata,
     )
 
 
@@ -298,7 +271,7 @@ def check_quantized(
     config = config or ParityConfig()
     inputs = images_to_tensor(test_images).numpy()
     torch_pred = run_torch(model, inputs, 1000).argmax(1)
-    int8_pred = run_onnx(onnx_session(int8_path), inputs, config.batch_size).argmax(1)
+    int8_pred = ContractSession(int8_path, exact_names=True).logits_in_batches(inputs, config.batch_size).argmax(1)
     torch_ok, int8_ok = torch_pred == test_labels, int8_pred == test_labels
     per_class = []
     for class_id, name in enumerate(class_names):

@@ -17,11 +17,12 @@ import torch
 from torch import nn
 
 from pipeline import export, tracking
-from pipeline.config import CLASS_NAMES, ONNX_INPUT_NAME, ONNX_METADATA_KEYS, ONNX_OUTPUT_NAME
+from pipeline.config import CLASS_NAMES
 from pipeline.data import load_split
 from pipeline.errors import PipelineError
 from pipeline.evaluate import compute_logits
 from pipeline.models import build_model
+from pipeline.onnx_contract import ONNX_INPUT_NAME, ONNX_METADATA_KEYS, ONNX_OUTPUT_NAME
 from pipeline.parity import check_quantized
 
 

@@ -18,10 +18,10 @@ from torch import nn
 
 from pipeline import export, tracking
 from pipeline.cli import cli
-from pipeline.config import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME
 from pipeline.data import load_split
 from pipeline.errors import PipelineError
 from pipeline.models import build_model
+from pipeline.onnx_contract import ONNX_INPUT_NAME, ONNX_OUTPUT_NAME
 from pipeline.parity import check_parity
 
 EDGE_INPUTS = {"batch_of_1", "batch_of_1000", "all_zeros", "all_ones", "random_noise"}
@@ -168,8 +168,25 @@ def test_a_model_exported_in_train_mode_fails(exported, tmp_path):
 def test_a_file_that_is_not_onnx_is_a_clear_error(exported, tmp_path):
     junk = tmp_path / "junk.onnx"
     junk.write_bytes(b"not a model")
-    with pytest.raises(PipelineError, match="not a loadable ONNX model"):
+    with pytest.raises(PipelineError, match="not a readable ONNX model"):
         parity(exported, junk)
+
+
+def test_a_model_with_other_names_is_not_what_export_wrote(exported, tmp_path):
+    """The predictor accepts any single image input; parity judges export's own files: the contract's names."""
+    model = exported["model"]
+    path = tmp_path / "renamed.onnx"
+    torch.onnx.export(
+        model,
+        (torch.zeros(2, *model.input_shape),),
+        str(path),
+        input_names=["pixels"],
+        output_names=[ONNX_OUTPUT_NAME],
+        dynamic_shapes=({0: "batch"},),
+        external_data=False,
+    )
+    with pytest.raises(PipelineError, match="don't follow the export contract"):
+        parity(exported, path)
 
 
 # ----------------------------------------------------------------- CLI

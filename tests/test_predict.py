@@ -24,16 +24,11 @@ from pipeline.cli import cli
 from pipeline.data import SPLIT_FILES, load_split, raw_dir
 from pipeline.errors import PipelineError
 from pipeline.idx import write_idx
-from pipeline.predict import (
-    Failure,
-    Images,
-    PredictConfig,
-    Predictor,
-    image_to_array,
-    iter_batches,
-    predict,
-    result_columns,
-)
+from pipeline.onnx_contract import to_unit_range
+from pipeline.predict import PredictConfig, Predictor, predict
+from pipeline.predict.inputs import Failure, Images, image_to_array
+from pipeline.predict.run import iter_batches
+from pipeline.predict.writers import result_columns
 
 TEST_IMAGES = SPLIT_FILES["test"][0]
 
@@ -91,6 +86,17 @@ def test_predictor_never_imports_torch(trained_onnx, trained_run, tmp_path):
         f"s = predict(p, [{str(idx)!r}, {str(png)!r}], stdout=io.StringIO())\n"
         "assert s.predicted == 201, s\n"
         "heavy = [m for m in ('torch', 'mlflow', 'torchvision') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_contract_and_predict_package_import_without_torch():
+    code = (
+        "import sys\n"
+        "import pipeline.onnx_contract, pipeline.predict\n"
+        "import pipeline.predict.inputs, pipeline.predict.run, pipeline.predict.session, pipeline.predict.writers\n"
+        "heavy = [m for m in ('torch', 'torchvision', 'mlflow', 'onnx') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -391,7 +397,7 @@ def test_formats_agree_and_stdout_is_csv(predictor, test_split, tmp_path):
 
 
 def test_jsonl_keeps_class_names_readable(tmp_path):
-    from pipeline.predict import TableWriter
+    from pipeline.predict.writers import TableWriter
 
     stream = io.StringIO()
     writer = TableWriter(stream, "jsonl", top_k=1)
@@ -412,6 +418,13 @@ def test_paths_from_stdin(predictor, test_split, tmp_path):
     assert result.exit_code == 0, result.output
     table = read_table(io.StringIO(result.stdout), "csv")
     assert [Path(s).name for s in table["source"]] == ["0.png", "1.png", "2.png"]
+
+
+def test_scaling_is_bit_for_bit_what_the_torch_stages_feed_the_model(test_split):
+    from pipeline.evaluate import images_to_tensor
+
+    images = test_split.images[:50]
+    np.testing.assert_array_equal(to_unit_range(images[:, None]), images_to_tensor(images).numpy())
 
 
 def test_batches_are_bounded_and_keep_input_order():

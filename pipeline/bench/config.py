@@ -1,0 +1,41 @@
+"""What one benchmark run measures, and the chapter's constants it is measured against."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import default_data_dir
+
+CHAPTER_BATCH = 100
+CHAPTER_EVAL_EVERY = 50  # listing 5-11 evaluates the whole test set every 50 iterations
+EPOCH_STEPS = 600  # 60,000 images / batch 100
+
+
+@dataclass
+class BenchConfig:
+    quick: bool = False
+    data_dir: Path = field(default_factory=default_data_dir)
+    train_steps: int = 0  # steps per training measurement; 0 = by mode
+    inference_batches: tuple[int, ...] = (1, 64, 256, 1024)
+    full_job: bool = False  # also time a real 5-epoch `mlflow run` (full mode)
+    # Baseline and ours are measured in alternation this many times and the medians compared:
+    # on a shared 2-core VM a single pair can be 20 % off either way.
+    rounds: int = 0  # 0 = by mode
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if not self.train_steps:
+            self.train_steps = 60 if self.quick else 300
+        if self.train_steps < CHAPTER_EVAL_EVERY:
+            # Fewer steps would never reach the chapter's first evaluation, whose cost is half the story.
+            raise ValueError(f"train_steps must be at least {CHAPTER_EVAL_EVERY}")
+        if self.quick:
+            self.inference_batches = (1, 256)
+        if not self.rounds:
+            self.rounds = 1 if self.quick else 3
+
+
+def config_dict(cfg: BenchConfig) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}

@@ -1,0 +1,76 @@
+"""The machine a benchmark ran on, and the peak memory of our commands on it."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.bench.config import BenchConfig
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def peak_rss_mib(command: list[str], env: dict[str, str] | None = None) -> float:
+    """Peak resident memory of a command, measured by a fresh wrapper process."""
+    wrapper = (
+        "import resource, subprocess, sys\n"
+        "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, code)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", wrapper, *command], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
+    if out[1] != "0":
+        raise RuntimeError(f"{' '.join(command)} exited {out[1]} while measuring memory")
+    return int(out[0]) / 1024  # ru_maxrss is in KiB on Linux
+
+
+def bench_memory(cfg: BenchConfig, onnx_path: Path | None) -> dict[str, float]:
+    pipeline_cmd = [sys.executable, "-m", "pipeline.cli"]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db"}
+        env.pop("MLFLOW_RUN_ID", None)
+        out = {
+            "train_stage_mib": peak_rss_mib(
+                [
+                    *pipeline_cmd,
+                    "train",
+                    "--model",
+                    "cnn",
+                    "--max-steps",
+                    str(cfg.train_steps // 2),
+                    "--data-dir",
+                    str(cfg.data_dir),
+                ],
+                env,
+            )
+        }
+        if onnx_path is not None:
+            test_idx = cfg.data_dir / "FashionMNIST" / "raw" / "t10k-images-idx3-ubyte"
+            out["predict_10k_mib"] = peak_rss_mib(
+                [*pipeline_cmd, "predict", "--model", str(onnx_path), "--output", f"{tmp}/p.csv", str(test_idx)], env
+            )
+    return out

@@ -1,0 +1,216 @@
+"""The benchmark's verdicts and its Markdown report.
+
+The report is a list of sections, most of them table specs (title, columns, rows), rendered
+by one function; the JSON holds the same figures under the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.files import write_text
+
+TARGETS = (
+    ("CNN training throughput >= 2.5x the chapter's loop", "cnn_train_ratio", 2.5),
+    ("5-epoch CNN job <= 1/4 of the chapter's 5-epoch loop", "job_fraction", 0.25),
+    ("onnxruntime fp32 >= 6x torch eager at batch 256", "ort_vs_eager_256", 6.0),
+    ("int8 >= 1.3x fp32 at batch 256", "int8_vs_fp32_256", 1.3),
+    ("int8 accuracy drop <= 0.5 points", "int8_drop_points", 0.5),
+    ("MLflow overhead <= 3 % of training time", "tracking_overhead", 0.03),
+)
+LOWER_IS_BETTER = {"job_fraction", "int8_drop_points", "tracking_overhead"}
+
+
+def verdicts(headline: dict[str, float | None]) -> list[dict[str, Any]]:
+    rows = []
+    for label, key, bound in TARGETS:
+        value = headline.get(key)
+        if value is None:
+            status = "NOT MEASURED"
+        elif key in LOWER_IS_BETTER:
+            status = "PASS" if value <= bound else "MISS"
+        else:
+            status = "PASS" if value >= bound else "MISS"
+        rows.append({"target": label, "value": value, "status": status})
+    return rows
+
+
+def save_json(results: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, json.dumps(results, indent=2, default=str))
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    cnn = results["training"]["cnn"]
+    chapter_5_epochs = cnn["chapter_5_epochs_s_extrapolated"]
+    job = results.get("full_job")
+    at_256 = results["inference"].get("256", {})
+    accuracy = results["inference_accuracy"]
+    return {
+        "cnn_train_ratio": cnn["train_throughput_ratio"],
+        "chapter_5_epochs_s": chapter_5_epochs,
+        "job_s": job["seconds"] if job else cnn["ours_5_epochs_train_s_extrapolated"],
+        "job_measured": bool(job),
+        "job_fraction": (job["seconds"] if job else cnn["ours_5_epochs_train_s_extrapolated"]) / chapter_5_epochs,
+        "job_test_accuracy": job["test_accuracy"] if job else None,
+        "ort_vs_eager_256": at_256.get("onnxruntime fp32", {}).get("vs_torch_eager"),
+        "int8_vs_fp32_256": at_256.get("onnxruntime int8", {}).get("vs_fp32"),
+        "int8_drop_points": 100 * (accuracy["onnxruntime fp32"] - accuracy["onnxruntime int8"]),
+        "tracking_overhead": results["tracking"]["overhead_fraction_of_5_epochs"],
+    }
+
+
+# ------------------------------------------------------------------------ the Markdown report
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    # A str.format template over the row's keys ("{p50_ms:.2f}", "{chapter[steps]}"), or a function of the row.
+    cell: str | Callable[[dict[str, Any]], str]
+
+    def render(self, row: dict[str, Any]) -> str:
+        return self.cell.format_map(row) if isinstance(self.cell, str) else self.cell(row)
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str | None
+    columns: tuple[Column, ...]
+    rows: Callable[[dict[str, Any]], Iterable[dict[str, Any]]]  # results -> one dict per table row
+
+
+def measured(row: dict[str, Any]) -> str:
+    return "n/a" if row["value"] is None else f"{row['value']:.3g}"
+
+
+def machine_line(results: dict[str, Any]) -> str:
+    m, config = results["machine"], results["config"]
+    return (
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads). "
+        f"Mode: {'quick' if config['quick'] else 'full'}, "
+        f"{config['train_steps']} training steps per measurement; training, lever and MLflow figures "
+        f"are medians of {config['rounds']} alternating rounds."
+    )
+
+
+def full_job_line(results: dict[str, Any]) -> str | None:
+    if "full_job" not in results:
+        return None
+    job, h = results["full_job"], results["headline"]
+    return (
+        f"Default 5-epoch CNN `mlflow run` end to end (measured): {job['seconds']:,.0f} s, test "
+        f"accuracy {job['test_accuracy']:.2%}, ONNX accuracy {job.get('onnx_test_accuracy') or 0:.2%}; "
+        f"{h['job_fraction']:.2f} of the chapter's 5-epoch loop ({h['chapter_5_epochs_s']:,.0f} s, "
+        "extrapolated from its measured step and evaluation times)."
+    )
+
+
+def data_feeding_line(results: dict[str, Any]) -> str:
+    feed = results["data_feeding"]
+    return (
+        f"Data feeding alone, per batch of 100: DataLoader + per-sample ToTensor "
+        f"{feed['dataloader_ms_per_batch']:.2f} ms, tensor slicing {feed['tensor_slicing_ms_per_batch']:.3f} "
+        f"ms ({feed['speedup']:,.0f}x), after a one-time decode of {feed['one_time_decode_s']:.2f} s."
+    )
+
+
+def accuracy_line(results: dict[str, Any]) -> str:
+    accuracy = results["inference_accuracy"]
+    return "Test accuracy of the benchmarked model: " + ", ".join(f"{k} {v:.2%}" for k, v in accuracy.items()) + "."
+
+
+def tracking_line(results: dict[str, Any]) -> str:
+    t = results["tracking"]
+    return (
+        f"MLflow: {t['seconds_per_step_off'] * 1000:.1f} ms/step off vs {t['seconds_per_step_on'] * 1000:.1f} "
+        f"ms/step on, plus {t['model_logging_s']:.1f} s to log the model once: "
+        f"{t['overhead_fraction_of_5_epochs']:.1%} of a 5-epoch training (extrapolated)."
+    )
+
+
+def memory_line(results: dict[str, Any]) -> str:
+    memory = results["memory"]
+    return "Peak memory (RSS): " + ", ".join(f"{k.removesuffix('_mib')} {v:,.0f} MiB" for k, v in memory.items()) + "."
+
+
+# The report, top to bottom: tables, and a few sentences where a table would hold one row.
+SECTIONS: tuple[Table | Callable[[dict[str, Any]], str | None], ...] = (
+    machine_line,
+    Table(
+        None,
+        (Column("target", "{target}"), Column("measured", measured), Column("result", "{status}")),
+        lambda results: results["verdicts"],
+    ),
+    Table(
+        "Training (images/s in training steps; evaluation timed apart):",
+        (
+            Column("model", "{model}"),
+            Column("chapter's loop", "{chapter[train_images_per_s]:,.0f}"),
+            Column("ours", "{ours[train_images_per_s]:,.0f}"),
+            Column("ratio", "{train_throughput_ratio:.2f}x"),
+            Column("chapter 5 epochs (extrapolated)", "{chapter_5_epochs_s_extrapolated:,.0f} s"),
+            Column("ours 5 epochs, train only (extrapolated)", "{ours_5_epochs_train_s_extrapolated:,.0f} s"),
+        ),
+        lambda results: ({"model": name, **row} for name, row in results["training"].items()),
+    ),
+    full_job_line,
+    Table(
+        "Levers (CNN, ours):",
+        (
+            Column("lever", "{lever}"),
+            Column("train images/s", "{train_images_per_s:,.0f}"),
+            Column("train speed-up", "{train_speedup:.2f}x"),
+            Column("evaluation speed-up", "{eval_speedup:.2f}x"),
+        ),
+        lambda results: results["levers"],
+    ),
+    Table(
+        "Inference, end to end from uint8 arrays (images/s, p50 / p99 batch latency in ms):",
+        (
+            Column("batch", "{batch}"),
+            Column("runtime", "{runtime}"),
+            Column("images/s", "{images_per_s:,.0f}"),
+            Column("p50 ms", "{p50_ms:.2f}"),
+            Column("p99 ms", "{p99_ms:.2f}"),
+            Column("vs torch eager", "{vs_torch_eager:.2f}x"),
+        ),
+        lambda results: (
+            {"batch": batch, "runtime": runtime, **stats}
+            for batch, row in results["inference"].items()
+            for runtime, stats in row.items()
+        ),
+    ),
+    Table(
+        "onnxruntime levers (batch 256, images/s):",
+        (
+            Column("variant", "{variant}"),
+            Column("images/s", "{images_per_s:,.0f}"),
+            Column("p50 ms", "{p50_ms:.2f}"),
+            Column("vs first", "{vs_first:.2f}x"),
+        ),
+        lambda results: results["onnxruntime_levers"],
+    ),
+    data_feeding_line,
+    accuracy_line,
+    tracking_line,
+    memory_line,
+)
+
+
+def render_table(table: Table, results: dict[str, Any]) -> str:
+    lines = [] if table.title is None else [table.title, ""]
+    lines.append("| " + " | ".join(column.header for column in table.columns) + " |")
+    lines.append("|" + "---|" * len(table.columns))
+    for row in table.rows(results):
+        lines.append("| " + " | ".join(column.render(row) for column in table.columns) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    texts = (render_table(s, results) if isinstance(s, Table) else s(results) for s in SECTIONS)
+    return "\n\n".join(text for text in texts if text is not None) + "\n"

@@ -1,0 +1,235 @@
+"""Training measured: the chapter's loop against our train stage, its levers, data feeding, MLflow's cost."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.bench.config import CHAPTER_BATCH, CHAPTER_EVAL_EVERY, EPOCH_STEPS, BenchConfig
+from pipeline.bench.timing import medians
+from pipeline.data import load_split
+from pipeline.evaluate import images_to_tensor
+from pipeline.models import build_model
+from pipeline.train import TrainConfig, train
+
+
+def chapter_loop(data_dir: Path, model_name: str, steps: int, seed: int = 0) -> dict[str, float]:
+    """Listings 5-4 and 5-11 as written: torchvision dataset with per-sample ToTensor, an
+    unshuffled DataLoader of 100, and every 50 iterations the whole test set evaluated in
+    train mode with gradients on. Times training iterations and evaluations separately."""
+    import torchvision
+    import torchvision.transforms as transforms
+    from torch.utils.data import DataLoader
+
+    to_tensor = transforms.Compose([transforms.ToTensor()])
+    train_dataset = torchvision.datasets.FashionMNIST(str(data_dir), download=False, transform=to_tensor)
+    test_dataset = torchvision.datasets.FashionMNIST(str(data_dir), download=False, train=False, transform=to_tensor)
+    train_loader = DataLoader(train_dataset, batch_size=CHAPTER_BATCH)
+    test_loader = DataLoader(test_dataset, batch_size=CHAPTER_BATCH)
+
+    torch.manual_seed(seed)
+    model = build_model(model_name)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.001)
+
+    count, train_seconds, eval_seconds, evaluations, accuracy = 0, 0.0, 0.0, 0, float("nan")
+    tick = time.perf_counter()
+    while count < steps:
+        for images, labels in train_loader:
+            outputs = model(images.view(CHAPTER_BATCH, 1, 28, 28))
+            loss = criterion(outputs, labels)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            count += 1
+            train_seconds += time.perf_counter() - tick
+            if not count % CHAPTER_EVAL_EVERY:
+                started = time.perf_counter()
+                correct = total = 0
+                for test_images, test_labels in test_loader:
+                    predictions = torch.max(model(test_images.view(CHAPTER_BATCH, 1, 28, 28)), 1)[1]
+                    correct += (predictions == test_labels).sum().item()
+                    total += len(test_labels)
+                accuracy = correct / total
+                eval_seconds += time.perf_counter() - started
+                evaluations += 1
+            tick = time.perf_counter()
+            if count >= steps:
+                break
+    return {
+        "steps": count,
+        "train_images_per_s": count * CHAPTER_BATCH / train_seconds,
+        "loop_images_per_s": count * CHAPTER_BATCH / (train_seconds + eval_seconds),
+        "seconds_per_step": train_seconds / count,
+        "seconds_per_evaluation": eval_seconds / evaluations if evaluations else float("nan"),
+        "test_accuracy_at_end": accuracy,
+    }
+
+
+def our_training(data_dir: Path, model_name: str, steps: int, **levers: Any) -> dict[str, float]:
+    """Our train stage for `steps` steps (tracking off), then one timed evaluation."""
+    result = train(TrainConfig(model=model_name, max_steps=steps, data_dir=data_dir, **levers))
+    m = result.metrics
+    eval_seconds = m["wall_time_s"] - m["train_time_s"]
+    return {
+        "steps": m["steps"],
+        "train_images_per_s": m["train_images_per_s"],
+        "seconds_per_step": m["train_time_s"] / m["steps"],
+        "seconds_per_evaluation": eval_seconds,
+        "test_accuracy_at_end": m["test_accuracy"],
+    }
+
+
+def five_epoch_seconds(step_s: float, eval_s: float, evaluations: int) -> float:
+    return 5 * EPOCH_STEPS * step_s + evaluations * eval_s
+
+
+def warm_up(data_dir: Path) -> None:
+    # The first steps in a process pay for allocator growth and oneDNN kernel selection;
+    # without this the first measurement of a run looks slower than it is.
+    our_training(data_dir, "cnn", 5)
+
+
+def bench_training(cfg: BenchConfig) -> dict[str, Any]:
+    warm_up(cfg.data_dir)
+    out: dict[str, Any] = {}
+    for name in ("cnn", "dnn"):
+        pairs = [
+            (chapter_loop(cfg.data_dir, name, cfg.train_steps), our_training(cfg.data_dir, name, cfg.train_steps))
+            for _ in range(cfg.rounds)
+        ]
+        chapter, ours = medians([c for c, _ in pairs]), medians([o for _, o in pairs])
+        out[name] = {
+            "rounds": cfg.rounds,
+            "chapter": chapter,
+            "ours": ours,
+            "train_throughput_ratio": ours["train_images_per_s"] / chapter["train_images_per_s"],
+            # Extrapolated from the measured parts: 3,000 steps, plus 60 chapter evaluations
+            # (every 50 steps) against our 5 (one per epoch).
+            "chapter_5_epochs_s_extrapolated": five_epoch_seconds(
+                chapter["seconds_per_step"], chapter["seconds_per_evaluation"], 5 * EPOCH_STEPS // CHAPTER_EVAL_EVERY
+            ),
+            "ours_5_epochs_train_s_extrapolated": five_epoch_seconds(
+                ours["seconds_per_step"], ours["seconds_per_evaluation"], 5
+            ),
+        }
+    return out
+
+
+def bench_levers(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Training speed levers on the CNN, each against our plain fp32 NCHW loop, same step count.
+
+    Every variant names its precision and layout, so the table means the same on machines where
+    `precision=auto` resolves differently."""
+    steps = max(cfg.train_steps // 2, CHAPTER_EVAL_EVERY)
+    plain = {"precision": "fp32", "channels_last": False}
+    fast = {"precision": "bf16", "channels_last": True}
+    variants: list[tuple[str, dict[str, Any], int | None]] = [
+        ("fp32, NCHW (plain loop)", plain, None),
+        ("fp32 + channels_last", {**plain, "channels_last": True}, None),
+        ("bf16 autocast, NCHW", {**plain, "precision": "bf16"}, None),
+        ("bf16 + channels_last (default here)", fast, None),
+        ("default, 1 intra-op thread", fast, 1),
+        ("default, eval batch 100 (chapter's)", {**fast, "eval_batch_size": 100}, None),
+        ("default, eval batch 1000", {**fast, "eval_batch_size": 1000}, None),
+    ]
+    warm_up(cfg.data_dir)
+    threads = torch.get_num_threads()
+    measured: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in variants}
+    for _ in range(cfg.rounds):  # every variant once per round, so slow spells hit them all
+        for label, levers, num_threads in variants:
+            torch.set_num_threads(num_threads or threads)
+            try:
+                measured[label].append(our_training(cfg.data_dir, "cnn", steps, **levers))
+            finally:
+                torch.set_num_threads(threads)
+    rows = [{"lever": label, **medians(runs)} for label, runs in measured.items()]
+    base = rows[0]
+    for row in rows:
+        row["train_speedup"] = row["train_images_per_s"] / base["train_images_per_s"]
+        row["eval_speedup"] = base["seconds_per_evaluation"] / row["seconds_per_evaluation"]
+    return rows
+
+
+def bench_data_feeding(cfg: BenchConfig) -> dict[str, float]:
+    """Only the cost of producing batches of 100: the chapter's DataLoader with per-sample
+    PIL -> ToTensor(), against index slices of tensors decoded once (what `train` does)."""
+    import torchvision
+    import torchvision.transforms as transforms
+    from torch.utils.data import DataLoader
+
+    steps = cfg.train_steps
+    dataset = torchvision.datasets.FashionMNIST(str(cfg.data_dir), download=False, transform=transforms.ToTensor())
+    started = time.perf_counter()
+    for count, _batch in enumerate(DataLoader(dataset, batch_size=CHAPTER_BATCH, shuffle=True), 1):
+        if count == steps:
+            break
+    loader_s = (time.perf_counter() - started) / steps
+
+    split = load_split(cfg.data_dir, "train")
+    started = time.perf_counter()
+    images, labels = images_to_tensor(split.images), torch.from_numpy(split.labels)
+    decode_s = time.perf_counter() - started
+    order = torch.randperm(len(labels))
+    started = time.perf_counter()
+    for step in range(steps):
+        index = order[step * CHAPTER_BATCH : (step + 1) * CHAPTER_BATCH]
+        images[index], labels[index]  # noqa: B018 - the gather is what is being timed
+    slicing_s = (time.perf_counter() - started) / steps
+    return {
+        "dataloader_ms_per_batch": 1000 * loader_s,
+        "tensor_slicing_ms_per_batch": 1000 * slicing_s,
+        "one_time_decode_s": decode_s,
+        "speedup": loader_s / slicing_s,
+    }
+
+
+def bench_tracking_overhead(cfg: BenchConfig) -> dict[str, float]:
+    """The train stage with MLflow streaming on vs off, on the same steps, in a temp store."""
+    from pipeline import tracking
+
+    steps = cfg.train_steps
+    config = TrainConfig(model="cnn", max_steps=steps, data_dir=cfg.data_dir, log_every=50)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp}/mlflow.db"
+        os.environ.pop("MLFLOW_RUN_ID", None)
+        try:
+            for _ in range(cfg.rounds):
+                off = train(config)
+                with tracking.run(experiment="bench-overhead"):
+                    on = train(config, [tracking.MlflowTrainCallback()])
+                    started = time.perf_counter()
+                    tracking.log_torch_model(on.model, on.example_input, on.params["class_names"])
+                    model_logging_s = time.perf_counter() - started
+                rows.append(
+                    {
+                        "off": off.metrics["wall_time_s"] / steps,
+                        "on": on.metrics["wall_time_s"] / steps,
+                        "logging": model_logging_s,
+                    }
+                )
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    median = medians(rows)
+    per_step_off, per_step_on, model_logging_s = median["off"], median["on"], median["logging"]
+    full_train_s = 5 * EPOCH_STEPS * per_step_off
+    # Streaming cost scales with steps; model logging is paid once per run.
+    overhead_s = max(per_step_on - per_step_off, 0.0) * 5 * EPOCH_STEPS + model_logging_s
+    return {
+        "steps": steps,
+        "seconds_per_step_off": per_step_off,
+        "seconds_per_step_on": per_step_on,
+        "model_logging_s": model_logging_s,
+        "overhead_fraction_of_5_epochs": overhead_s / full_train_s,
+    }
