@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import hardware
 from pipeline.callbacks import TrainCallback
 from pipeline.config import CLASS_NAMES, TrainConfig
 from pipeline.data import load_split
@@ -49,11 +50,7 @@ def native_bf16(device: torch.device) -> bool:
     """Whether `device` computes bfloat16 in hardware (AVX512-BF16/AMX on x86, Ampere+ GPUs)."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(flag in flags for flag in (" avx512_bf16", " amx_bf16"))
+    return hardware.cpu_features().native_bf16
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:

@@ -11,11 +11,13 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from pipeline import hardware
 from pipeline.bench import BenchConfig
 from pipeline.bench.inference import bench_onnxruntime_levers
 from pipeline.bench.report import TARGETS, verdicts
 from pipeline.cli import cli
 from pipeline.config import CLASS_NAMES
+from pipeline.hardware import CpuFeatures
 from pipeline.models import build_model
 from pipeline.predict import Predictor
 
@@ -28,6 +30,8 @@ BOUNDS = {
     "int8_vs_fp32_256": ("higher", 1.3),
     "int8_drop_points": ("lower", 0.5),
     "tracking_overhead": ("lower", 0.03),
+    "train_fraction_of_limit": ("higher", 0.40),
+    "ort_fraction_of_limit": ("higher", 0.60),
 }
 
 
@@ -42,10 +46,12 @@ def test_verdicts_compare_in_the_right_direction():
                 "int8_vs_fp32_256": 1.0,
                 "int8_drop_points": 0.2,
                 "tracking_overhead": 0.01,
+                "train_fraction_of_limit": 0.5,
+                "ort_fraction_of_limit": 0.3,
             }
         )
     }
-    assert list(rows.values()) == ["PASS", "MISS", "NOT MEASURED", "MISS", "PASS", "PASS"]
+    assert list(rows.values()) == ["PASS", "MISS", "NOT MEASURED", "MISS", "PASS", "PASS", "PASS", "MISS"]
     assert len(rows) == len(TARGETS)
 
 
@@ -68,6 +74,62 @@ def test_each_verdict_turns_at_its_bound(key):
     assert (below, above) == (("MISS", "PASS") if direction == "higher" else ("PASS", "MISS"))
     assert status(None) == "NOT MEASURED"
     assert verdicts({})[position]["status"] == "NOT MEASURED"
+
+
+def test_int8_speed_target_is_not_applicable_without_vnni():
+    position = [k for _, k, _ in TARGETS].index("int8_vs_fp32_256")
+    without = verdicts({"int8_vs_fp32_256": 0.84, "int8_applicable": False})[position]
+    assert without["status"].startswith("N/A") and "VNNI" in without["status"]
+    assert verdicts({"int8_vs_fp32_256": 0.84, "int8_applicable": True})[position]["status"] == "MISS"
+
+
+AVX2_ONLY = CpuFeatures(model="AMD EPYC (AVX2 only)", avx2=True)
+WITH_BF16 = CpuFeatures(model="AMD EPYC", avx2=True, avx512=True, avx512_bf16=True, avx512_vnni=True)
+
+
+@pytest.mark.parametrize(
+    ("features", "precision", "default_row", "emulated"),
+    [
+        (AVX2_ONLY, "fp32", "fp32 + channels_last (default here)", True),
+        (WITH_BF16, "bf16", "bf16 autocast + channels_last (default here)", False),
+    ],
+)
+def test_default_resolves_as_auto_does_on_that_cpu(monkeypatch, features, precision, default_row, emulated):
+    import torch
+
+    from pipeline.bench.training import default_levers, lever_variants
+    from pipeline.train import resolve_precision
+
+    monkeypatch.setattr(hardware, "cpu_features", lambda: features)
+    assert resolve_precision("auto", torch.device("cpu")) == precision
+    assert default_levers() == {"precision": precision, "channels_last": True}
+    labels = {label: levers for label, levers, _ in lever_variants()}
+    assert [label for label in labels if "(default here)" in label] == [default_row]
+    # Every "default" row runs what auto runs here, and says so.
+    for label, levers in labels.items():
+        if label.startswith("default"):
+            assert levers["precision"] == precision and f"default ({precision}" in label
+    assert any("(emulated)" in label for label in labels) == emulated
+
+
+def test_cpu_features_are_read_from_cpuinfo_flags():
+    text = "model name\t: Intel Xeon\nflags\t\t: fpu avx2 avx512f avx512_vnni amx_bf16 amx_int8\n"
+    features = hardware.parse_cpuinfo(text)
+    assert features.model == "Intel Xeon" and features.native_bf16 and features.vnni
+    assert not features.avx512_bf16 and "AMX-BF16" in features.summary()
+    plain = hardware.parse_cpuinfo("model name : EPYC\nflags : fpu avx2 fma\n")
+    assert not plain.native_bf16 and not plain.vnni
+    assert plain.summary() == "AVX2; no native bf16, no VNNI, no AMX"
+
+
+def test_flops_are_counted_from_the_layers():
+    from pipeline.bench.flops import forward_flops
+
+    # The DNN: 784->256->128->10 linear layers, 2 FLOPs per multiply-add.
+    assert forward_flops(build_model("dnn")) == 2 * (784 * 256 + 256 * 128 + 128 * 10)
+    # The CNN: conv1 32x28x28 outputs of 1x3x3, conv2 64x12x12 of 32x3x3, then 2304->600->120->10.
+    conv = 2 * (32 * 28 * 28 * 9 + 64 * 12 * 12 * 32 * 9)
+    assert forward_flops(build_model("cnn")) == conv + 2 * (2304 * 600 + 600 * 120 + 120 * 10)
 
 
 def test_onnxruntime_levers_time_the_real_predictor(synthetic_data_dir, tmp_path, monkeypatch):

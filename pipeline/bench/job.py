@@ -15,7 +15,7 @@ import torch
 
 from pipeline.bench.config import BenchConfig, config_dict
 from pipeline.bench.inference import bench_inference, bench_onnxruntime_levers, inference_models
-from pipeline.bench.machine import bench_memory, machine
+from pipeline.bench.machine import bench_memory, gemm_limits, machine
 from pipeline.bench.report import headline, verdicts
 from pipeline.bench.training import bench_data_feeding, bench_levers, bench_tracking_overhead, bench_training
 
@@ -80,6 +80,8 @@ def run_benchmarks(
     cfg: BenchConfig, model: torch.nn.Module, class_names: list[str], workdir: Path, progress=lambda message: None
 ) -> dict[str, Any]:
     results: dict[str, Any] = {"machine": machine(), "config": config_dict(cfg)}
+    progress("the machine's own limit: GEMM throughput")
+    results["limits"] = gemm_limits()
     progress("training: the chapter's loop vs ours")
     results["training"] = bench_training(cfg)
     progress("training levers")

@@ -12,24 +12,30 @@ from typing import Any
 
 import torch
 
+from pipeline import hardware
 from pipeline.bench.config import BenchConfig
+from pipeline.bench.flops import gemm_gflops
 
 
 def machine() -> dict[str, Any]:
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    features = hardware.cpu_features()
     return {
-        "cpu": model,
+        "cpu": features.model,
+        "cpu_features": features.to_dict(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,
+    }
+
+
+def gemm_limits() -> dict[str, float | None]:
+    """GFLOP/s of a large matmul in fp32, and in bf16 where the CPU has it natively (else None:
+    an emulated bf16 ceiling would only flatter the fraction of it that training reaches)."""
+    native = hardware.cpu_features().native_bf16
+    return {
+        "fp32_gemm_gflops": gemm_gflops(torch.float32),
+        "bf16_gemm_gflops": gemm_gflops(torch.bfloat16) if native else None,
     }
 
 

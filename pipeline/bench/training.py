@@ -11,11 +11,12 @@ from typing import Any
 import torch
 
 from pipeline.bench.config import CHAPTER_BATCH, CHAPTER_EVAL_EVERY, EPOCH_STEPS, BenchConfig
+from pipeline.bench.flops import TRAINING_FLOPS_PER_FORWARD, forward_flops
 from pipeline.bench.timing import medians
 from pipeline.data import load_split
 from pipeline.evaluate import images_to_tensor
 from pipeline.models import build_model
-from pipeline.train import TrainConfig, train
+from pipeline.train import TrainConfig, native_bf16, resolve_precision, train
 
 
 def chapter_loop(data_dir: Path, model_name: str, steps: int, seed: int = 0) -> dict[str, float]:
@@ -104,10 +105,14 @@ def bench_training(cfg: BenchConfig) -> dict[str, Any]:
             for _ in range(cfg.rounds)
         ]
         chapter, ours = medians([c for c, _ in pairs]), medians([o for _, o in pairs])
+        flops = TRAINING_FLOPS_PER_FORWARD * forward_flops(build_model(name))
         out[name] = {
             "rounds": cfg.rounds,
             "chapter": chapter,
             "ours": ours,
+            "levers": default_levers(),
+            "training_flops_per_image": flops,
+            "ours_gflops": ours["train_images_per_s"] * flops / 1e9,
             "train_throughput_ratio": ours["train_images_per_s"] / chapter["train_images_per_s"],
             # Extrapolated from the measured parts: 3,000 steps, plus 60 chapter evaluations
             # (every 50 steps) against our 5 (one per epoch).
@@ -121,23 +126,50 @@ def bench_training(cfg: BenchConfig) -> dict[str, Any]:
     return out
 
 
-def bench_levers(cfg: BenchConfig) -> list[dict[str, Any]]:
-    """Training speed levers on the CNN, each against our plain fp32 NCHW loop, same step count.
+def describe_levers(precision: str, channels_last: bool) -> str:
+    """What a variant really runs, e.g. 'bf16 (emulated) + channels_last' on a CPU without native bf16."""
+    native = precision != "bf16" or native_bf16(torch.device("cpu"))
+    return (
+        f"{precision}{'' if native else ' (emulated)'}"
+        f"{' autocast' if precision == 'bf16' else ''}{' + channels_last' if channels_last else ', NCHW'}"
+    )
 
-    Every variant names its precision and layout, so the table means the same on machines where
-    `precision=auto` resolves differently."""
-    steps = max(cfg.train_steps // 2, CHAPTER_EVAL_EVERY)
-    plain = {"precision": "fp32", "channels_last": False}
-    fast = {"precision": "bf16", "channels_last": True}
-    variants: list[tuple[str, dict[str, Any], int | None]] = [
-        ("fp32, NCHW (plain loop)", plain, None),
-        ("fp32 + channels_last", {**plain, "channels_last": True}, None),
-        ("bf16 autocast, NCHW", {**plain, "precision": "bf16"}, None),
-        ("bf16 + channels_last (default here)", fast, None),
-        ("default, 1 intra-op thread", fast, 1),
-        ("default, eval batch 100 (chapter's)", {**fast, "eval_batch_size": 100}, None),
-        ("default, eval batch 1000", {**fast, "eval_batch_size": 1000}, None),
+
+def default_levers() -> dict[str, Any]:
+    """What `pipeline train` runs with its defaults on this CPU: `--precision auto` resolved here."""
+    return {
+        "precision": resolve_precision(TrainConfig.precision, torch.device("cpu")),
+        "channels_last": TrainConfig.channels_last,
+    }
+
+
+def lever_variants() -> list[tuple[str, dict[str, Any], int | None]]:
+    """(label, TrainConfig levers, intra-op threads) for every lever row, labelled with what it runs.
+
+    The precision/layout grid first, the default marked; then one change at a time from the
+    default as it resolves on this CPU, so no row claims a default it did not run."""
+    default = default_levers()
+    grid = [(p, cl) for p in ("fp32", "bf16") for cl in (False, True)]
+    variants: list[tuple[str, dict[str, Any], int | None]] = []
+    for precision, channels_last in grid:
+        levers = {"precision": precision, "channels_last": channels_last}
+        label = describe_levers(precision, channels_last)
+        label += " (plain loop)" if levers == {"precision": "fp32", "channels_last": False} else ""
+        label += " (default here)" if levers == default else ""
+        variants.append((label, levers, None))
+    named = f"default ({describe_levers(**default)})"
+    variants += [
+        (f"{named}, 1 intra-op thread", default, 1),
+        (f"{named}, eval batch 100 (chapter's)", {**default, "eval_batch_size": 100}, None),
+        (f"{named}, eval batch 1000", {**default, "eval_batch_size": 1000}, None),
     ]
+    return variants
+
+
+def bench_levers(cfg: BenchConfig) -> list[dict[str, Any]]:
+    """Training speed levers on the CNN, each against our plain fp32 NCHW loop, same step count."""
+    steps = max(cfg.train_steps // 2, CHAPTER_EVAL_EVERY)
+    variants = lever_variants()
     warm_up(cfg.data_dir)
     threads = torch.get_num_threads()
     measured: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in variants}
