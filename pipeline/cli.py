@@ -339,12 +339,25 @@ def check_parity_command(run_id: str, onnx_file: Path | None, data_dir: Path) ->
     default=Path("outputs/bench"),
     help="Where bench.json and bench.md go.",
 )
+@click.option(
+    "--max-cpu-isa",
+    type=click.Choice(["native", "avx2"]),
+    default="native",
+    help="avx2: cap torch's kernels and `auto` choices at AVX2, to see what an AVX2-only CPU would measure "
+    "(onnxruntime has no such cap).",
+)
 @cli_args.DATA_DIR
 def bench_command(
-    quick: bool, run_id: str | None, steps: int | None, full_job: bool | None, output_dir: Path, data_dir: Path
+    quick: bool,
+    run_id: str | None,
+    steps: int | None,
+    full_job: bool | None,
+    output_dir: Path,
+    max_cpu_isa: str,
+    data_dir: Path,
 ) -> None:
     """Benchmark our stages against the chapter's own loop, side by side; PASS/MISS per target."""
-    job = jobs.run_bench(quick, run_id, steps, full_job, output_dir, data_dir, progress=echo_err)
+    job = jobs.run_bench(quick, run_id, steps, full_job, output_dir, data_dir, max_cpu_isa, progress=echo_err)
     click.echo(job.report)
     click.echo(f"Wrote {job.written[0]} and {job.written[1]}; logged to experiment 'benchmarks'.")
 

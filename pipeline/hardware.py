@@ -8,11 +8,20 @@ without VNNI is slower than fp32, so every `auto` resolves from what this CPU re
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 from pathlib import Path
 
+from pipeline.errors import PipelineError
+
 CPUINFO = Path("/proc/cpuinfo")
+# Set by `pipeline bench --max-cpu-isa avx2` (and inherited by its subprocesses): behave as on
+# an AVX2-only CPU, so a machine with AVX-512 can show what one without it would measure.
+MAX_ISA_ENV = "PIPELINE_MAX_CPU_ISA"
+# What caps torch's own kernels at AVX2; read when torch is imported, so set before that.
+# onnxruntime has no such switch: its kernels still use what the CPU has.
+TORCH_AVX2_ENV = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,18 @@ class CpuFeatures:
         missing += [] if (self.amx_bf16 or self.amx_int8) else ["AMX"]
         return ", ".join(present or ["no AVX2"]) + ("; no " + ", no ".join(missing) if missing else "")
 
+    def limited_to_avx2(self) -> CpuFeatures:
+        return replace(
+            self,
+            model=f"{self.model} limited to AVX2",
+            avx512=False,
+            avx512_bf16=False,
+            avx512_vnni=False,
+            avx_vnni=False,
+            amx_bf16=False,
+            amx_int8=False,
+        )
+
     def to_dict(self) -> dict[str, object]:
         return {**asdict(self), "native_bf16": self.native_bf16, "vnni": self.vnni, "summary": self.summary()}
 
@@ -83,8 +104,21 @@ def parse_cpuinfo(text: str) -> CpuFeatures:
 
 @cache
 def cpu_features() -> CpuFeatures:
-    """This machine's CPU; all features off where /proc/cpuinfo can't be read (not Linux)."""
+    """This machine's CPU (capped at AVX2 under $PIPELINE_MAX_CPU_ISA=avx2); all off where
+    /proc/cpuinfo can't be read (not Linux)."""
     try:
-        return parse_cpuinfo(CPUINFO.read_text())
+        features = parse_cpuinfo(CPUINFO.read_text())
     except OSError:
         return CpuFeatures()
+    return features.limited_to_avx2() if os.environ.get(MAX_ISA_ENV, "").lower() == "avx2" else features
+
+
+def limit_to_avx2() -> None:
+    """Make this process (and its children) behave as on an AVX2-only CPU, before torch is imported."""
+    import sys
+
+    if "torch" in sys.modules:
+        raise PipelineError("--max-cpu-isa must take effect before torch is loaded; run it in a fresh process")
+    os.environ[MAX_ISA_ENV] = "avx2"
+    os.environ.update(TORCH_AVX2_ENV)
+    cpu_features.cache_clear()

@@ -262,9 +262,14 @@ def run_bench(
     full_job: bool | None,
     output_dir: Path,
     data_dir: Path,
+    max_cpu_isa: str = "native",
     progress: Callable[[str], Any] = lambda message: None,
 ) -> BenchJob:
     """Every benchmark, side by side with its baseline; JSON + Markdown in `output_dir`, logged to 'benchmarks'."""
+    if max_cpu_isa == "avx2":
+        from pipeline import hardware
+
+        hardware.limit_to_avx2()  # before bench imports torch
     from pipeline import bench, tracking
     from pipeline.files import write_text
 

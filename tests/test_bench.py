@@ -17,6 +17,7 @@ from pipeline.bench.inference import bench_onnxruntime_levers
 from pipeline.bench.report import TARGETS, verdicts
 from pipeline.cli import cli
 from pipeline.config import CLASS_NAMES
+from pipeline.errors import PipelineError
 from pipeline.hardware import CpuFeatures
 from pipeline.models import build_model
 from pipeline.predict import Predictor
@@ -190,3 +191,19 @@ def test_quick_bench_end_to_end(real_data_dir, tracking_store, tmp_path):
     for row, (_, key, _) in zip(results["verdicts"], TARGETS, strict=True):
         assert row["value"] == results["headline"][key] and row["value"] is not None
     assert "| target | measured | result |" in result.output
+
+
+def test_avx2_cap_masks_features_and_refuses_once_torch_is_loaded(monkeypatch):
+    import sys
+
+    monkeypatch.setenv(hardware.MAX_ISA_ENV, "avx2")
+    hardware.cpu_features.cache_clear()
+    try:
+        capped = hardware.cpu_features()
+        assert not (capped.avx512 or capped.native_bf16 or capped.vnni) and "limited to AVX2" in capped.model
+    finally:
+        monkeypatch.delenv(hardware.MAX_ISA_ENV)
+        hardware.cpu_features.cache_clear()
+    assert "torch" in sys.modules  # this test process has it loaded, so the cap can't apply any more
+    with pytest.raises(PipelineError, match="before torch is loaded"):
+        hardware.limit_to_avx2()

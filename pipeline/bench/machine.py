@@ -22,6 +22,7 @@ def machine() -> dict[str, Any]:
     return {
         "cpu": features.model,
         "cpu_features": features.to_dict(),
+        "isa_limit": os.environ.get(hardware.MAX_ISA_ENV),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),

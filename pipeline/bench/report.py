@@ -121,7 +121,13 @@ def machine_line(results: dict[str, Any]) -> str:
     default = results["training"]["cnn"]["levers"]
     return (
         f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads). "
-        f"CPU features: {m['cpu_features']['summary']}. Its limit: a 2048x2048 matmul runs at "
+        f"CPU features: {m['cpu_features']['summary']}"
+        + (
+            " (capped at AVX2 for torch via oneDNN/ATen/MKL; onnxruntime still uses the full CPU)"
+            if m.get("isa_limit")
+            else ""
+        )
+        + ". Its limit: a 2048x2048 matmul runs at "
         f"{limits['fp32_gemm_gflops']:,.0f} GFLOP/s in fp32"
         + (f" and {bf16:,.0f} in bf16" if bf16 else " (bf16 not native here)")
         + f'. `--precision auto` resolves to {default["precision"]} here; "ours" and "default" rows ran that. '
