@@ -57,10 +57,12 @@ def cli() -> None:
     "Tried first; then Debian's copy in /usr/share/datasets/fashion-mnist; then "
     "torchvision's mirrors.  [default: none]",
 )
-@click.option("--timeout", type=float, default=30.0, help="Seconds to wait for a network source.")
+@click.option("--timeout", type=cli_args.POSITIVE_FLOAT, default=30.0, help="Seconds to wait for a network source.")
 def download_command(data_dir: Path, source: str | None, timeout: float) -> None:
     """Put the four Fashion-MNIST files in DATA_DIR, verified by SHA-256."""
     report = jobs.download_data(data_dir, source, timeout)
+    for label, why in report.fell_back.items():
+        echo_err(f"Warning: fell back from {label}: {why}.")
     if report.already_present:
         click.echo(f"Fashion-MNIST is present and verified in {data_dir}.")
         return
@@ -73,8 +75,8 @@ def download_command(data_dir: Path, source: str | None, timeout: float) -> None
 @cli_args.MODEL
 @click.option("--epochs", type=int, default=TrainConfig.epochs, help="Passes over the 60,000 training images.")
 @click.option("--batch-size", type=int, default=TrainConfig.batch_size, help="Images per optimizer step.")
-@click.option("--lr", type=float, default=TrainConfig.lr, help="Adam learning rate.")
-@click.option("--seed", type=int, default=TrainConfig.seed, help="Seeds weights, dropout and shuffling.")
+@click.option("--lr", type=cli_args.POSITIVE_FLOAT, default=TrainConfig.lr, help="Adam learning rate.")
+@click.option("--seed", type=cli_args.SEED, default=TrainConfig.seed, help="Seeds weights, dropout and shuffling.")
 @click.option(
     "--max-steps",
     type=click.IntRange(min=0),
@@ -100,6 +102,12 @@ def download_command(data_dir: Path, source: str | None, timeout: float) -> None
     default=TrainConfig.channels_last,
     help="NHWC memory layout for conv layers.",
 )
+@click.option(
+    "--allow-other-data",
+    is_flag=True,
+    help="Train on data files whose SHA-256 differs from Fashion-MNIST's (your own data in the same "
+    "IDX format); without it they are refused before training.",
+)
 @cli_args.DATA_DIR
 @cli_args.EXPERIMENT
 def train_command(
@@ -113,6 +121,7 @@ def train_command(
     log_every: int,
     precision: str,
     channels_last: bool,
+    allow_other_data: bool,
     data_dir: Path,
     experiment: str | None,
 ) -> None:
@@ -128,6 +137,7 @@ def train_command(
         log_every=log_every,
         precision=precision,
         channels_last=channels_last,
+        allow_other_data=allow_other_data,
         data_dir=data_dir,
     )
     job = jobs.train_model(config, experiment)

@@ -6,11 +6,28 @@ checks every value before torch or mlflow is loaded and `--help` stays instant.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import click
 
-from pipeline.config import DATA_DIR_ENV, MODEL_NAMES, default_data_dir
+from pipeline.config import DATA_DIR_ENV, MODEL_NAMES, SEED_RANGE, default_data_dir
+
+
+class PositiveFloat(click.types.FloatParamType):
+    """A finite float above 0: FloatRange lets nan and inf through."""
+
+    name = "positive float"
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not (math.isfinite(number) and number > 0):
+            self.fail(f"{value!r} is not a finite number above 0.", param, ctx)
+        return number
+
+
+POSITIVE_FLOAT = PositiveFloat()
+SEED = click.IntRange(*SEED_RANGE)
 
 DATA_DIR = click.option(
     "--data-dir",

@@ -8,6 +8,7 @@ dataclasses beside that stage (ParityConfig in parity.py, ...).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,9 @@ INPUT_SHAPE: tuple[int, int, int] = (1, 28, 28)
 MODEL_NAMES: tuple[str, ...] = ("dnn", "cnn")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+
+# Seeds every tool accepts (numpy's legacy seeding stops at 2**32 - 1); Click checks the option.
+SEED_RANGE: tuple[int, int] = (0, 2**32 - 1)
 
 DATA_DIR_ENV = "PIPELINE_DATA_DIR"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -85,6 +89,8 @@ class TrainConfig:
     # accuracy), and fp32 elsewhere, where emulated bf16 would be slower.
     precision: str = "auto"  # auto | fp32 | bf16
     channels_last: bool = True
+    # Train on files whose SHA-256 differs from Fashion-MNIST's (own data in the same IDX format).
+    allow_other_data: bool = False
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -93,7 +99,9 @@ class TrainConfig:
                 raise PipelineError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise PipelineError(f"max_steps must be at least 1, got {self.max_steps}")
-        if self.lr <= 0:
-            raise PipelineError(f"lr must be positive, got {self.lr}")
+        if not (math.isfinite(self.lr) and self.lr > 0):  # `nan <= 0` is False: test what we want
+            raise PipelineError(f"lr must be a finite number above 0, got {self.lr}")
+        if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
+            raise PipelineError(f"seed must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {self.seed}")
         if self.precision not in PRECISIONS:
             raise PipelineError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")

@@ -10,6 +10,7 @@ differ from copy to copy while the content does not.
 from __future__ import annotations
 
 import hashlib
+import os
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -17,15 +18,24 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.config import CLASS_NAMES
 from pipeline.errors import PipelineError
 from pipeline.files import write_bytes
-from pipeline.idx import gunzip_if_gzipped, parse_idx
+from pipeline.idx import GZIP_ERRORS, gunzip_if_gzipped, parse_idx
 
 SHA256: dict[str, str] = {
     "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
     "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
     "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
     "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+}
+# Their decompressed sizes, as their IDX headers give them: a 16-byte header and 28x28 bytes per
+# image, an 8-byte header and one byte per label. Decompression stops one byte past these.
+SIZES: dict[str, int] = {
+    "train-images-idx3-ubyte": 16 + 60_000 * 28 * 28,
+    "train-labels-idx1-ubyte": 8 + 60_000,
+    "t10k-images-idx3-ubyte": 16 + 10_000 * 28 * 28,
+    "t10k-labels-idx1-ubyte": 8 + 10_000,
 }
 SPLIT_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -126,6 +136,8 @@ class DownloadReport:
     data_dir: Path
     # file name -> where it came from ("already present" when nothing was fetched)
     sources: dict[str, str] = field(default_factory=dict)
+    # source label -> why files were taken from a later source instead (unreachable, missing file)
+    fell_back: dict[str, str] = field(default_factory=dict)
 
     @property
     def already_present(self) -> bool:
@@ -135,10 +147,13 @@ class DownloadReport:
 def _verified_content(name: str, blob: bytes, source: Source) -> bytes:
     expected = SHA256[name]
     try:
-        content = gunzip_if_gzipped(blob)
-        actual = sha256(content)
-    except (OSError, EOFError) as exc:
+        content = gunzip_if_gzipped(blob, limit=SIZES[name] + 1)
+    except GZIP_ERRORS as exc:
         content, actual = b"", f"unreadable gzip ({exc}); sha256 of the compressed bytes {sha256(blob)}"
+    else:
+        actual = sha256(content)
+        if len(content) > SIZES[name]:
+            actual = f"more than {SIZES[name]:,} bytes (decompression stopped there)"
     if actual != expected:
         raise PipelineError(
             f"{name} from {source.label} failed verification: expected sha256 {expected}, "
@@ -162,25 +177,46 @@ def download(data_dir: Path, sources: list[Source]) -> DownloadReport:
     target = raw_dir(data_dir)
     report = DownloadReport(Path(data_dir))
     for name in SHA256:
-        path = target / name
-        if is_verified(path, name):
+        if is_verified(target / name, name):
             report.sources[name] = "already present"
+    if len(report.sources) < len(SHA256):
+        _writable_folder(target)
+    for name in SHA256:
+        if name in report.sources:
             continue
+        passed_over = []
         for source in sources:
             blob = source.fetch(name)
             if blob is None:
+                passed_over.append(source)
                 continue
             content = _verified_content(name, blob, source)
-            target.mkdir(parents=True, exist_ok=True)
-            write_bytes(path, content)
+            write_bytes(target / name, content)
             report.sources[name] = source.label
+            for skipped in passed_over:
+                report.fell_back.setdefault(skipped.label, _why_not(skipped, name))
             break
         else:
-            tried = "\n".join(
-                f"  - {s.label}: {getattr(s, 'failure', None) or f'no {name}(.gz) there'}" for s in sources
-            )
+            tried = "\n".join(f"  - {s.label}: {_why_not(s, name)}" for s in sources)
             raise PipelineError(f"could not find {name} in any source. Tried:\n{tried}\n{GET_HINT}")
     return report
+
+
+def _why_not(source: Source, name: str) -> str:
+    return getattr(source, "failure", None) or f"no {name}(.gz) there"
+
+
+def _writable_folder(folder: Path) -> None:
+    """Create `folder`, or fail before any download on a data dir that can't hold the files."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        why = f"{exc.strerror or exc} ({exc.filename or folder})"
+    else:
+        if os.access(folder, os.W_OK):
+            return
+        why = "not writable"
+    raise PipelineError(f"cannot write the data folder {folder}: {why}; choose another --data-dir")
 
 
 # --------------------------------------------------------------------------- loading
@@ -216,4 +252,24 @@ def load_split(data_dir: Path, split: str) -> Split:
     images, labels = arrays
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise PipelineError(f"{raw_dir(data_dir)}: {split} images {images.shape} and labels {labels.shape} don't match")
+    outside = labels[(labels < 0) | (labels >= len(CLASS_NAMES))]
+    if len(outside):
+        raise PipelineError(
+            f"{path}: label {outside[0]} is not a class id (0 to {len(CLASS_NAMES) - 1}); "
+            "the file is corrupt or not Fashion-MNIST labels"
+        )
     return Split(images, labels.astype(np.int64), digests)
+
+
+def check_known(split: Split, data_dir: Path) -> None:
+    """Refuse files that are not Fashion-MNIST's, naming the first that differs.
+
+    Training on a corrupt copy (labels shifted by one, say) would otherwise run to the end and exit 0.
+    """
+    for name, digest in split.digests.items():
+        if digest != SHA256[name]:
+            raise PipelineError(
+                f"{raw_dir(data_dir) / name} differs from Fashion-MNIST's {name} (sha256 {digest}, expected "
+                f"{SHA256[name]}): the file is corrupt, or other data. Restore it with `pipeline download`, or "
+                "pass --allow-other-data to train on other data on purpose."
+            )

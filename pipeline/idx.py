@@ -6,7 +6,9 @@ Kept free of torch so the onnxruntime predictor can read the test set too.
 from __future__ import annotations
 
 import gzip
+import io
 import struct
+import zlib
 from pathlib import Path
 from typing import IO
 
@@ -27,6 +29,9 @@ _CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09}
 
 
 GZIP_MAGIC = b"\x1f\x8b"
+# What a broken gzip stream raises: a bad header (OSError), a cut-off stream (EOFError), or
+# damaged deflate data (zlib.error, which is neither).
+GZIP_ERRORS = (OSError, EOFError, zlib.error)
 
 
 def parse_header(head: bytes, name: str = "<bytes>") -> tuple[np.dtype, tuple[int, ...], int]:
@@ -66,9 +71,16 @@ def parse_idx(buffer: bytes, name: str = "<bytes>") -> np.ndarray:
     return array.astype(dtype.newbyteorder("="), copy=True)
 
 
-def gunzip_if_gzipped(data: bytes) -> bytes:
-    """`data` decompressed when it is gzip (by magic, not by name); raises OSError/EOFError if broken."""
-    return gzip.decompress(data) if data[:2] == GZIP_MAGIC else data
+def gunzip_if_gzipped(data: bytes, limit: int | None = None) -> bytes:
+    """`data` decompressed when it is gzip (by magic, not by name); raises one of GZIP_ERRORS if broken.
+
+    With `limit`, decompression stops after that many bytes, so a gzip bomb costs no more memory
+    than the largest file we expect; a result of `limit` bytes means there was at least that much.
+    """
+    if data[:2] != GZIP_MAGIC:
+        return data
+    with gzip.GzipFile(fileobj=io.BytesIO(data)) as stream:
+        return stream.read(-1 if limit is None else limit)
 
 
 def open_maybe_gzip(path: Path) -> IO[bytes]:
@@ -82,7 +94,7 @@ def read_bytes(path: Path) -> bytes:
     """A file's content, gunzipped when it is gzip."""
     try:
         return gunzip_if_gzipped(Path(path).read_bytes())
-    except (OSError, EOFError) as exc:
+    except GZIP_ERRORS as exc:
         raise PipelineError(f"{path}: corrupt or truncated gzip file ({exc})") from None
 
 

@@ -61,11 +61,14 @@ def train_model(config: TrainConfig, experiment: str | None = None) -> TrainJob:
     """Train `config.model` in a new MLflow run: params, metrics per step and epoch, the model."""
     from pipeline import tracking
     from pipeline.progress import ProgressBar
-    from pipeline.train import train
+    from pipeline.train import fit, setup
 
     quiet_known_warnings()
+    tracking.connect()  # an unusable store fails here, in seconds, before the data is loaded
+    # Before the run exists: missing or unknown data, or no CUDA, must not leave an empty FAILED run.
+    trainer = setup(config)
     with tracking.run(run_name=config.model, experiment=experiment, tags={"stage": "train"}) as active:
-        result = train(config, [tracking.MlflowTrainCallback(), ProgressBar()])
+        result = fit(trainer, [tracking.MlflowTrainCallback(), ProgressBar()])
         model_uri = tracking.log_torch_model(result.model, result.example_input, result.params["class_names"])
     return TrainJob(active.info.run_id, model_uri, result.metrics)
 

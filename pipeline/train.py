@@ -8,6 +8,7 @@ callbacks, so it runs the same with MLflow on, off, or pointed at a temporary st
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 from pipeline import hardware
 from pipeline.callbacks import TrainCallback
 from pipeline.config import CLASS_NAMES, TrainConfig
-from pipeline.data import load_split
+from pipeline.data import check_known, load_split
 from pipeline.errors import PipelineError
 from pipeline.evaluate import compute_logits, images_to_tensor, loss_and_accuracy
 from pipeline.models import build_model, count_parameters, model_class
@@ -104,6 +105,9 @@ def setup(config: TrainConfig) -> Trainer:
     model_class(config.model)  # fail on a bad name before loading data
     train_split = load_split(config.data_dir, "train")
     test_split = load_split(config.data_dir, "test")
+    if not config.allow_other_data:
+        check_known(train_split, config.data_dir)
+        check_known(test_split, config.data_dir)
 
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
@@ -178,6 +182,11 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
         t.step += 1
         t.images_seen += len(index)
         loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise PipelineError(
+                f"training diverged: the loss is {loss_value} at step {t.step}; lower the learning rate "
+                f"(--lr, now {config.lr})"
+            )
         epoch_loss += loss_value
         window_loss += loss_value
         window_steps += 1
@@ -201,7 +210,11 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
 
 def train(config: TrainConfig, callbacks: list[TrainCallback] = ()) -> TrainResult:
     """The whole run: setup, epochs until done, and the result with its final metrics."""
-    t = setup(config)
+    return fit(setup(config), callbacks)
+
+
+def fit(t: Trainer, callbacks: list[TrainCallback] = ()) -> TrainResult:
+    """Epochs from a `setup` until done, and the result with its final metrics."""
     for cb in callbacks:
         cb.on_train_start(t.params)
     started = time.perf_counter()

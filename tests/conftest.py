@@ -5,6 +5,7 @@ MLflow store, and a tiny trained run that later stages (evaluate, export, predic
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -60,6 +61,31 @@ def tracking_store(tmp_path, monkeypatch) -> str:
     return uri
 
 
+@pytest.fixture
+def make_unwritable():
+    """Makes an existing folder one nobody may write in, until the test ends: read-only mode for a
+    user, the immutable attribute for root (who ignores modes; chattr needs root and a filesystem
+    with attributes: ext4, xfs, btrfs)."""
+    locked: list[Path] = []
+
+    def lock(folder: Path) -> Path:
+        if os.geteuid() != 0:
+            folder.chmod(0o555)
+        else:
+            done = subprocess.run(["chattr", "+i", str(folder)], capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.fail(f"chattr +i {folder} failed ({done.stderr.strip()}); run the tests as a user, not root")
+        locked.append(folder)
+        return folder
+
+    yield lock
+    for folder in locked:
+        if os.geteuid() != 0:
+            folder.chmod(0o755)
+        else:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
 @pytest.fixture(scope="session")
 def session_store(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("session_mlruns")
@@ -80,7 +106,7 @@ def trained_run(synthetic_data_dir, session_store) -> dict:
     env = {"MLFLOW_TRACKING_URI": session_store, "MLFLOW_EXPERIMENT_NAME": "tests", "MLFLOW_RUN_ID": None}
     result = CliRunner().invoke(
         cli,
-        ["train", "--model", "cnn", "--epochs", "3", "--data-dir", str(synthetic_data_dir)],
+        ["train", "--model", "cnn", "--epochs", "3", "--allow-other-data", "--data-dir", str(synthetic_data_dir)],
         env=env,
     )
     assert result.exit_code == 0, result.output

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -35,8 +36,9 @@ def test_every_command_has_help():
 
 def test_train_help_shows_chapter_defaults():
     out = " ".join(CliRunner().invoke(cli, ["train", "--help"]).output.split())
-    for default in ("[default: 5]", "[default: 100]", "[default: 0.001]", "[default: 0]", "[default: auto]"):
+    for default in ("[default: 5]", "[default: 100]", "[default: 0.001]", "[default: auto]"):
         assert default in out
+    assert "--seed INTEGER RANGE Seeds weights, dropout and shuffling. [default: 0; 0<=x<=4294967295]" in out
 
 
 def test_train_logs_everything_to_mlflow(synthetic_data_dir, tracking_store):
@@ -52,6 +54,7 @@ def test_train_logs_everything_to_mlflow(synthetic_data_dir, tracking_store):
             "50",
             "--log-every",
             "5",
+            "--allow-other-data",
             "--data-dir",
             str(synthetic_data_dir),
         ],
@@ -109,21 +112,83 @@ def test_missing_data_says_run_download(tmp_path, tracking_store):
     result = CliRunner().invoke(cli, ["train", "--data-dir", str(tmp_path / "empty")])
     assert result.exit_code != 0 and "pipeline download" in result.output
     assert "Traceback" not in result.output
+    assert mlflow.search_runs(search_all_experiments=True).empty  # checked before a run was created
+
+
+@pytest.mark.parametrize("mistake", ["missing data", "other data", "no cuda"])
+def test_a_failed_check_before_training_leaves_no_run(
+    synthetic_data_dir, tmp_path, tracking_store, monkeypatch, mistake
+):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = {
+        "missing data": ["--data-dir", str(tmp_path / "empty")],
+        "other data": ["--data-dir", str(synthetic_data_dir)],  # without --allow-other-data
+        "no cuda": ["--device", "cuda", "--allow-other-data", "--data-dir", str(synthetic_data_dir)],
+    }[mistake]
+    result = CliRunner().invoke(cli, ["train", "--max-steps", "1", *args])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert {"missing data": "pipeline download", "other data": "--allow-other-data", "no cuda": "--device cpu"}[
+        mistake
+    ] in result.output
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_bad_option_values_are_refused_before_torch_and_mlflow_load(tmp_path):
+    # One process for all cases: each is refused by Click (exit 2) and nothing heavy is imported.
+    code = f"""
+import sys
+from pipeline.cli import cli
+cases = [["train", "--lr", v] for v in ("nan", "inf", "-inf", "0", "-1e-3")]
+cases += [["train", "--seed", v] for v in ("99999999999999999999", "-1", str(2**32))]
+cases += [["download", "--data-dir", {str(tmp_path)!r}, "--timeout", "-1"]]
+for args in cases:
+    try:
+        cli(args)
+    except SystemExit as exc:
+        assert exc.code == 2, (args, exc.code)
+    heavy = [m for m in ("torch", "mlflow") if m in sys.modules]
+    assert not heavy, (args, heavy)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.count("Invalid value for '--lr'") == 5 and done.stderr.count("Invalid value for '--seed'") == 3
+    assert "Invalid value for '--timeout'" in done.stderr
+
+
+def test_diverging_training_stops_failed_naming_the_step(synthetic_data_dir, tracking_store):
+    args = ["train", "--model", "dnn", "--lr", "1e30", "--max-steps", "20", "--allow-other-data"]
+    result = CliRunner().invoke(cli, [*args, "--data-dir", str(synthetic_data_dir)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "training diverged" in result.output and "at step" in result.output
     runs = mlflow.search_runs(search_all_experiments=True)
-    assert list(runs["status"]) == ["FAILED"]  # marked, never left RUNNING
+    assert list(runs["status"]) == ["FAILED"]
 
 
-@pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
-def test_interrupted_run_is_never_left_running(tracking_store, error, status):
-    with pytest.raises(type(error)):
-        with tracking.run(run_name="doomed") as active:
-            raise error
-    assert mlflow.get_run(active.info.run_id).info.status == status
+@pytest.mark.real_data
+@pytest.mark.parametrize("damage", ["labels shifted by one", "labels set to 0xFF"])
+def test_damaged_real_labels_are_refused_naming_the_file(real_data_dir, tmp_path, tracking_store, damage):
+    from pipeline.data import SHA256, raw_dir
 
+    copy = raw_dir(tmp_path / "data")
+    copy.mkdir(parents=True)
+    for name in SHA256:
+        (copy / name).symlink_to(raw_dir(real_data_dir) / name)
+    victim = "train-labels-idx1-ubyte"
+    content = (copy / victim).read_bytes()
+    labels = bytes((b + 1) % 10 for b in content[8:]) if damage == "labels shifted by one" else b"\xff" * 60_000
+    (copy / victim).unlink()
+    (copy / victim).write_bytes(content[:8] + labels)
 
-def test_unknown_run_id_is_a_clear_error(tracking_store):
-    from pipeline.errors import PipelineError
-
-    tracking.configure()
-    with pytest.raises(PipelineError, match="no run 'deadbeef'"):
-        tracking.load_run_model("deadbeef")
+    # --allow-other-data lets other data through the digest check, but labels must still be class ids.
+    options = [[]] if damage == "labels shifted by one" else [[], ["--allow-other-data"]]
+    for allow in options:
+        args = ["train", "--model", "dnn", "--max-steps", "1", *allow, "--data-dir", str(tmp_path / "data")]
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        message = " ".join(result.output.split())
+        assert str(copy / victim) in message and "corrupt" in message
+        assert "label 255 is not a class id" in message or "differs from Fashion-MNIST's" in message
+    assert mlflow.search_runs(search_all_experiments=True).empty

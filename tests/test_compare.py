@@ -112,13 +112,16 @@ def two_runs(synthetic_data_dir, tmp_path_factory):
     env["MLFLOW_RUN_ID"] = None
     runner, run_ids = CliRunner(), {}
     for model in ("dnn", "cnn"):
-        args = ["--model", model, "--max-steps", "12", "--batch-size", "50", "--data-dir", str(synthetic_data_dir)]
+        args = ["--model", model, "--max-steps", "12", "--batch-size", "50", "--allow-other-data"]
+        args += ["--data-dir", str(synthetic_data_dir)]
         result = runner.invoke(cli, ["train", *args], env=env)
         assert result.exit_code == 0, result.output
         run_ids[model] = result.output.split("Run id:")[1].split()[0]
     # An un-evaluated run: compare must ignore it without --run-id, and refuse it with one.
     result = runner.invoke(
-        cli, ["train", "--model", "dnn", "--max-steps", "2", "--data-dir", str(synthetic_data_dir)], env=env
+        cli,
+        ["train", "--model", "dnn", "--max-steps", "2", "--allow-other-data", "--data-dir", str(synthetic_data_dir)],
+        env=env,
     )
     assert result.exit_code == 0, result.output
     run_ids["unevaluated"] = result.output.split("Run id:")[1].split()[0]

@@ -154,8 +154,103 @@ def test_real_data_matches_published_digests_and_torchvision(real_data_dir):
     import torchvision
 
     for name, digest in SHA256.items():
-        assert data.sha256((raw_dir(real_data_dir) / name).read_bytes()) == digest
+        content = (raw_dir(real_data_dir) / name).read_bytes()
+        assert data.sha256(content) == digest and len(content) == data.SIZES[name]
     ours = load_split(real_data_dir, "test")
     theirs = torchvision.datasets.FashionMNIST(str(real_data_dir), train=False, download=False)
     assert len(ours) == len(theirs) == 10_000
     assert np.array_equal(ours.images, theirs.data.numpy()) and np.array_equal(ours.labels, theirs.targets.numpy())
+
+
+# --------------------------------------------------------------------------- bad input (issue 10)
+
+
+def corrupt_deflate(path: Path) -> None:
+    """XOR byte 20 (inside the deflate data): zlib itself fails, not the gzip header or CRC check."""
+    blob = bytearray(path.read_bytes())
+    blob[20] ^= 0xFF
+    path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("over", ["folder", "http"])
+def test_corrupt_deflate_data_is_a_clear_error(fake_release, loopback_server, tmp_path, over):
+    name = "train-images-idx3-ubyte"
+    corrupt_deflate(fake_release / f"{name}.gz")
+    source = loopback_server if over == "http" else str(fake_release)
+    target = tmp_path / "data"
+    result = CliRunner().invoke(cli, ["download", "--data-dir", str(target), "--source", source])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"{name} from {source}" in result.output and "unreadable gzip" in result.output
+    assert name not in files_in(raw_dir(target))
+
+
+def test_gzip_bomb_stops_at_the_expected_size(fake_release, tmp_path, monkeypatch):
+    import tracemalloc
+    import zlib
+
+    name = "train-images-idx3-ubyte"
+    expected = len(gzip.decompress((fake_release / f"{name}.gz").read_bytes()))
+    monkeypatch.setattr(data, "SIZES", {**data.SIZES, name: expected})
+    bomb = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip stream
+    chunk = bytes(1 << 20)
+    blob = b"".join([*(bomb.compress(chunk) for _ in range(64)), bomb.flush()])  # 64 MB of zeros
+    (fake_release / f"{name}.gz").write_bytes(blob)
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(PipelineError) as info:
+            download(tmp_path / "data", [FolderSource(fake_release)])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"more than {expected:,} bytes" in str(info.value) and name in str(info.value)
+    assert peak < 8 << 20  # decompression stopped near the expected size, far below the bomb's 64 MB
+    assert name not in files_in(raw_dir(tmp_path / "data"))
+
+
+@pytest.mark.parametrize("case", ["raw is a file", "under /proc", "immutable raw"])
+def test_unwritable_data_dir_is_one_clear_error(fake_release, tmp_path, make_unwritable, case):
+    if case == "raw is a file":
+        data_dir = tmp_path / "data"
+        raw_dir(data_dir).parent.mkdir(parents=True)
+        raw_dir(data_dir).write_text("a file where the folder should be")
+    elif case == "under /proc":
+        data_dir = Path("/proc/x")
+    else:  # the raw/ folder itself can't be written
+        data_dir = tmp_path / "data"
+        raw_dir(data_dir).mkdir(parents=True)
+        make_unwritable(raw_dir(data_dir))
+    result = CliRunner().invoke(cli, ["download", "--data-dir", str(data_dir), "--source", str(fake_release)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "cannot write" in result.output
+    assert str(raw_dir(data_dir)) in result.output and "--data-dir" in result.output
+
+
+def test_negative_timeout_is_refused_by_click(tmp_path):
+    for timeout in ("-1", "0", "nan", "inf"):
+        result = CliRunner().invoke(cli, ["download", "--data-dir", str(tmp_path), "--timeout", timeout])
+        assert result.exit_code == 2 and "--timeout" in result.output and "Traceback" not in result.output
+
+
+def test_downloaded_files_are_readable_by_others(fake_release, tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o077)  # the strictest usual umask: mkstemp's 0600 would stay 0600
+    try:
+        download(tmp_path / "data", [FolderSource(fake_release)])
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in raw_dir(tmp_path / "data").iterdir()}
+    assert modes == dict.fromkeys(SHA256, 0o644)
+
+
+def test_unreachable_url_source_says_it_fell_back(fake_release, tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_COPY", fake_release)  # stands in for Debian's copy
+    monkeypatch.setattr(data, "TORCHVISION_MIRRORS", ())
+    dead = "http://127.0.0.1:9/"  # port 9 (discard): nothing listens
+    target = tmp_path / "data"
+    result = CliRunner().invoke(cli, ["download", "--data-dir", str(target), "--source", dead, "--timeout", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"fell back from {dead}: unreachable" in result.output
+    assert files_in(raw_dir(target)) == set(SHA256)

@@ -33,3 +33,19 @@ def test_unwritable_folder_is_a_clear_error(tmp_path):
     not_a_folder.write_text("a file where a folder should be")
     with pytest.raises(PipelineError, match=r"cannot write .*raw/x"):
         write_bytes(not_a_folder / "x", b"data")
+
+
+def test_figures_are_readable_by_others(tmp_path):
+    import os
+
+    import numpy as np
+
+    from pipeline.config import CLASS_NAMES
+    from pipeline.figures import confusion_matrix_figure, save_figure
+
+    old = os.umask(0o077)  # the strictest usual umask: mkstemp's 0600 would stay 0600
+    try:
+        path = save_figure(confusion_matrix_figure(np.eye(10, dtype=int), CLASS_NAMES), tmp_path / "cm.png")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644 and path.read_bytes()[:4] == b"\x89PNG"

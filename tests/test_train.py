@@ -30,7 +30,11 @@ class Recorder(TrainCallback):
 
 @pytest.mark.parametrize("model", ["dnn", "cnn"])
 def test_train_learns_synthetic_data(synthetic_data_dir, model):
-    result = train(TrainConfig(model=model, epochs=3, batch_size=50, data_dir=synthetic_data_dir, device="cpu"))
+    result = train(
+        TrainConfig(
+            model=model, epochs=3, batch_size=50, data_dir=synthetic_data_dir, allow_other_data=True, device="cpu"
+        )
+    )
     assert result.metrics["test_accuracy"] >= 0.9  # chance is 0.1
     assert result.metrics["steps"] == 3 * 600 // 50
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
@@ -40,7 +44,11 @@ def test_train_learns_synthetic_data(synthetic_data_dir, model):
 
 def test_same_seed_same_result_different_seed_differs(synthetic_data_dir):
     def run(seed):
-        r = train(TrainConfig(model="cnn", max_steps=8, batch_size=32, seed=seed, data_dir=synthetic_data_dir))
+        r = train(
+            TrainConfig(
+                model="cnn", max_steps=8, batch_size=32, seed=seed, data_dir=synthetic_data_dir, allow_other_data=True
+            )
+        )
         return r.metrics["test_loss"], r.model.fc3.weight.detach().clone()
 
     (loss_a, w_a), (loss_b, w_b), (_, w_c) = run(0), run(0), run(1)
@@ -51,7 +59,10 @@ def test_same_seed_same_result_different_seed_differs(synthetic_data_dir):
 def test_max_steps_stops_and_evaluates_once(synthetic_data_dir):
     recorder = Recorder()
     result = train(
-        TrainConfig(model="dnn", max_steps=5, batch_size=10, log_every=2, data_dir=synthetic_data_dir), [recorder]
+        TrainConfig(
+            model="dnn", max_steps=5, batch_size=10, log_every=2, data_dir=synthetic_data_dir, allow_other_data=True
+        ),
+        [recorder],
     )
     kinds = [e[0] for e in recorder.events]
     assert kinds == ["start", "log", "log", "epoch", "end"]
@@ -64,7 +75,7 @@ def test_max_steps_stops_and_evaluates_once(synthetic_data_dir):
 
 def test_evaluation_is_in_eval_mode_and_deterministic(synthetic_data_dir):
     # Dropout on (the chapter's evaluation) would make two passes differ.
-    result = train(TrainConfig(model="cnn", max_steps=3, data_dir=synthetic_data_dir))
+    result = train(TrainConfig(model="cnn", max_steps=3, data_dir=synthetic_data_dir, allow_other_data=True))
     model = result.model.train()
     x = torch.rand(16, 1, 28, 28)
     assert torch.equal(compute_logits(model, x, 16), compute_logits(model, x, 16))
@@ -86,7 +97,19 @@ def test_batches_are_shuffled_cover_everything_and_change_per_epoch():
     assert len(shuffled_batches(1050, 100, generator, steps=99)) == 11  # the last, partial batch is kept
 
 
-@pytest.mark.parametrize(("field", "value"), [("epochs", 0), ("batch_size", 0), ("max_steps", 0), ("lr", -1.0)])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("epochs", 0),
+        ("batch_size", 0),
+        ("max_steps", 0),
+        ("lr", -1.0),
+        ("lr", float("nan")),  # `nan <= 0` is False, so a plain `lr <= 0` check let it through
+        ("lr", float("inf")),
+        ("seed", -1),
+        ("seed", 2**64),
+    ],
+)
 def test_config_rejects_nonsense(field, value):
     with pytest.raises(PipelineError, match=field):
         TrainConfig(**{field: value})
@@ -107,6 +130,7 @@ def test_every_speed_lever_still_learns(synthetic_data_dir, precision, channels_
             precision=precision,
             channels_last=channels_last,
             data_dir=synthetic_data_dir,
+            allow_other_data=True,
         )
     )
     assert result.params["precision"] == precision
@@ -122,3 +146,21 @@ def test_auto_precision_follows_the_hardware(monkeypatch):
     monkeypatch.setattr(train_module, "native_bf16", lambda device: False)
     assert train_module.resolve_precision("auto", cpu) == "fp32"
     assert train_module.resolve_precision("bf16", cpu) == "bf16"  # an explicit choice is kept
+
+
+def test_non_finite_loss_stops_training_naming_the_step(synthetic_data_dir):
+    recorder = Recorder()
+    config = TrainConfig(model="dnn", lr=1e30, max_steps=20, data_dir=synthetic_data_dir, allow_other_data=True)
+    with pytest.raises(PipelineError, match=r"training diverged: the loss is (nan|inf) at step \d+") as info:
+        train(config, [recorder])
+    step = int(str(info.value).split("at step ")[1].split(";")[0])
+    assert 1 <= step < 20 and "end" not in [e[0] for e in recorder.events]
+
+
+def test_training_refuses_data_that_is_not_fashion_mnist(synthetic_data_dir):
+    config = TrainConfig(model="dnn", max_steps=1, data_dir=synthetic_data_dir)
+    with pytest.raises(PipelineError, match="train-images-idx3-ubyte differs from Fashion-MNIST's") as info:
+        train(config)
+    assert "--allow-other-data" in str(info.value)
+    config.allow_other_data = True
+    assert train(config).metrics["steps"] == 1
