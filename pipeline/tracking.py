@@ -7,17 +7,19 @@ tests or at a remote server, and every stage follows.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import posixpath
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow.entities import RunStatus
+from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.callbacks import TrainCallback
 from pipeline.config import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, project_root
@@ -49,28 +51,100 @@ def experiment_name(experiment: str | None = None) -> str:
     return experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
 
 
-def connect() -> str:
-    """Point mlflow at the store only, for commands that read runs (no experiment is created)."""
+_opened: set[tuple[str, bool]] = set()  # (uri, write) checked by open_store in this process
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def connect(write: bool = True) -> str:
+    """Point mlflow at the store, checked and initialised once (see open_store); no experiment is created.
+
+    `write=False` is for commands that only read runs, which a read-only store still serves.
+    """
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
+    if (uri, write) not in _opened:
+        open_store(uri, write)
+        _opened.add((uri, write))
     return uri
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for other stores and in-memory databases)."""
+    path = uri.removeprefix("sqlite:///") if uri.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
+def open_store(uri: str, write: bool = True) -> None:
+    """Fail in seconds, with one line naming MLFLOW_TRACKING_URI, on a store that can't be used.
+
+    Left to MLflow, an unwritable sqlite folder costs ~100 s of engine retries and then a
+    traceback, and an unknown scheme a traceback. A fresh sqlite store is initialised here under
+    an exclusive lock on a file beside the database: MLflow migrates an empty database from
+    every process that opens it, and concurrent first runs would race (`duplicate column name`).
+    """
+
+    def fail(why: str) -> PipelineError:
+        fix = "Set MLFLOW_TRACKING_URI to a store you can write"
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            fix += f", or unset it for the project store {default_tracking_uri()}"
+        return PipelineError(f"cannot use the tracking store {uri}: {why}. {fix}")
+
+    path = sqlite_path(uri)
+    if path is None:
+        _open_with_mlflow(uri, fail)
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "rb") as handle:
+            header = handle.read(len(SQLITE_HEADER))
+    except FileNotFoundError as exc:
+        if exc.filename != str(path):
+            raise fail(f"{exc.filename}: {exc.strerror}") from None
+        header = b""  # a new store
+    except OSError as exc:
+        raise fail(f"{exc.filename or path}: {exc.strerror or exc}") from None
+    if header and header != SQLITE_HEADER:
+        raise fail(f"{path} is not a sqlite database")
+    if not write and header:
+        _open_with_mlflow(uri, fail)
+        return
+    # sqlite writes its journal beside the database, so the folder must be writable too.
+    for target in (path.parent, path):
+        if target.exists() and not os.access(target, os.W_OK):
+            raise fail(f"{target} is not writable")
+    try:
+        with open(path.parent / f"{path.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            _open_with_mlflow(uri, fail)
+    except OSError as exc:
+        raise fail(f"{exc.filename or path.parent}: {exc.strerror or exc}") from None
+
+
+def _open_with_mlflow(uri: str, fail: Callable[[str], PipelineError]) -> None:
+    """Open the tracking store (which creates and migrates a fresh database) with one cheap query."""
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except (mlflow.exceptions.MlflowException, SQLAlchemyError) as exc:
+        raise fail(str(exc).strip().splitlines()[0].split(" See https://")[0].rstrip(".")) from None
 
 
 def configure(experiment: str | None = None) -> str:
     """Point mlflow at the project store (or MLFLOW_TRACKING_URI) and pick the experiment."""
-    uri = tracking_uri()
-    if uri == default_tracking_uri():
-        store_dir().mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    uri = connect()
     if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run`: its run already has an experiment
         return uri
     name = experiment_name(experiment)
     if mlflow.get_experiment_by_name(name) is None:
         location = None
-        if uri.startswith("sqlite:///"):
+        if path := sqlite_path(uri):
             # Beside the database, whatever directory the command was started from.
-            location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts" / name).resolve().as_uri()
-        mlflow.create_experiment(name, artifact_location=location)
+            location = (path.parent / "artifacts" / name).resolve().as_uri()
+        try:
+            mlflow.create_experiment(name, artifact_location=location)
+        except mlflow.exceptions.MlflowException as exc:
+            # Another process created it since we looked: theirs is the one we use.
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
     mlflow.set_experiment(name)
     return uri
 
@@ -199,7 +273,7 @@ def download_onnx_model(model_uri: str, dst: Path) -> Path:
 
     Downloads the files only, never loads the pyfunc: the predictor process stays free of torch.
     """
-    connect()
+    connect(write=False)
     try:
         with quiet_downloads():
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
@@ -296,7 +370,7 @@ def metric_history(run_id: str, keys: Iterable[str]) -> Any:
 
 def latest_finished_run(model_name: str, experiment: str | None = None) -> str | None:
     """The newest FINISHED run that trained `model_name` in the experiment, if there is one."""
-    connect()
+    connect(write=False)
     if mlflow.get_experiment_by_name(experiment_name(experiment)) is None:
         return None
     found = mlflow.search_runs(
@@ -310,7 +384,7 @@ def latest_finished_run(model_name: str, experiment: str | None = None) -> str |
 
 def search_runs(experiment: str | None = None, run_ids: Iterable[str] = ()) -> Any:
     """mlflow.search_runs as pandas: the given runs (any experiment), else all of `experiment`."""
-    connect()
+    connect(write=False)
     run_ids = list(run_ids)
     if run_ids:
         for run_id in run_ids:

@@ -167,6 +167,44 @@ def test_diverging_training_stops_failed_naming_the_step(synthetic_data_dir, tra
     assert list(runs["status"]) == ["FAILED"]
 
 
+@pytest.mark.parametrize("store", ["garbage://x", "/proc/nope/mlflow.db", "unwritable folder", "not sqlite"])
+def test_unusable_tracking_store_fails_in_seconds(synthetic_data_dir, tmp_path, monkeypatch, make_unwritable, store):
+    import time
+
+    if store == "unwritable folder":
+        (tmp_path / "store").mkdir()
+        store = str(make_unwritable(tmp_path / "store") / "mlflow.db")
+    elif store == "not sqlite":
+        store = str(tmp_path / "notes.txt")
+        Path(store).write_text("not a database")
+    uri = store if "://" in store else f"sqlite:///{store}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    started = time.monotonic()
+    result = CliRunner().invoke(
+        cli, ["train", "--max-steps", "1", "--allow-other-data", "--data-dir", str(synthetic_data_dir)]
+    )
+    assert time.monotonic() - started < 15  # not ~100 s of engine retries
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert f"cannot use the tracking store {uri}" in result.output and "MLFLOW_TRACKING_URI" in result.output
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_interrupted_run_is_never_left_running(tracking_store, error, status):
+    with pytest.raises(type(error)):
+        with tracking.run(run_name="doomed") as active:
+            raise error
+    assert mlflow.get_run(active.info.run_id).info.status == status
+
+
+def test_unknown_run_id_is_a_clear_error(tracking_store):
+    from pipeline.errors import PipelineError
+
+    tracking.configure()
+    with pytest.raises(PipelineError, match="no run 'deadbeef'"):
+        tracking.load_run_model("deadbeef")
+
+
 @pytest.mark.real_data
 @pytest.mark.parametrize("damage", ["labels shifted by one", "labels set to 0xFF"])
 def test_damaged_real_labels_are_refused_naming_the_file(real_data_dir, tmp_path, tracking_store, damage):
