@@ -5,6 +5,7 @@ MLflow store, and a tiny trained run that later stages (evaluate, export, predic
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -49,11 +50,22 @@ def synthetic_data_dir(tmp_path_factory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic"))
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """A store with MLflow's schema and nothing else, made once. Creating one runs about a hundred
+    migrations, each committed with an fsync: seconds per test on a busy disk. A fresh store's own
+    creation is tested by test_concurrent, which starts from none."""
+    path = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)
+    return path
+
+
 @pytest.fixture
-def tracking_store(tmp_path, monkeypatch) -> str:
-    """Every MLflow call in the test goes to a fresh sqlite store under tmp_path."""
+def tracking_store(tmp_path, monkeypatch, empty_store) -> str:
+    """Every MLflow call in the test goes to a fresh (empty) sqlite store under tmp_path."""
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()
+    shutil.copyfile(empty_store, tmp_path / "mlruns" / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
