@@ -115,9 +115,12 @@ def test_missing_data_says_run_download(tmp_path, tracking_store):
     assert mlflow.search_runs(search_all_experiments=True).empty  # checked before a run was created
 
 
-@pytest.mark.parametrize("mistake", ["missing data", "other data", "no cuda"])
+@pytest.mark.parametrize(
+    ("mistake", "says"),
+    [("missing data", "pipeline download"), ("other data", "--allow-other-data"), ("no cuda", "--device cpu")],
+)
 def test_a_failed_check_before_training_leaves_no_run(
-    synthetic_data_dir, tmp_path, tracking_store, monkeypatch, mistake
+    synthetic_data_dir, tmp_path, tracking_store, monkeypatch, mistake, says
 ):
     import torch
 
@@ -129,9 +132,7 @@ def test_a_failed_check_before_training_leaves_no_run(
     }[mistake]
     result = CliRunner().invoke(cli, ["train", "--max-steps", "1", *args])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    assert {"missing data": "pipeline download", "other data": "--allow-other-data", "no cuda": "--device cpu"}[
-        mistake
-    ] in result.output
+    assert says in result.output
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 
