@@ -24,4 +24,11 @@ class TrainCallback:
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None: ...
 
+    def on_checkpoint(self, epoch: int, step: int, state: dict[str, Any]) -> None:
+        """At the end of every epoch and every `checkpoint_every` steps: the training state to save.
+
+        `state` holds live tensors (see train.capture_state): save it before returning.
+        checkpoint.save_training_state writes it; train.restore_state resumes from it.
+        """
+
     def on_train_end(self, result: TrainResult) -> None: ...

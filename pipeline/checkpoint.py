@@ -1,4 +1,5 @@
-"""Model checkpoints: the weights plus what it takes to rebuild the module by name.
+"""Checkpoints: a trained model (weights plus what it takes to rebuild the module by name), and
+the full training state a killed run resumes from.
 
 Loaded with `torch.load(weights_only=True)`, so a checkpoint from an untrusted store cannot
 run code; a file that isn't one of ours is a PipelineError, not a traceback.
@@ -6,10 +7,13 @@ run code; a file that isn't one of ours is a PipelineError, not a traceback.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_write
 from pipeline.models import build_model
 
 
@@ -37,3 +41,27 @@ def load_checkpoint(path) -> tuple[nn.Module, list[str]]:
     except Exception as exc:  # a truncated file, a foreign pickle, mismatched weights
         raise PipelineError(f"{path}: not a usable model checkpoint ({exc})") from None
     return model.eval(), list(checkpoint["class_names"])
+
+
+# ----------------------------------------------------------------- training state (resume)
+
+TRAINING_STATE_KEYS = ("model_name", "total_steps", "model", "optimizer", "rng", "step", "epoch", "history")
+
+
+def save_training_state(state: dict, path) -> Path:
+    """A checkpoint to resume training from (train.capture_state's dict), written atomically."""
+    with atomic_write(path, "wb") as handle:
+        torch.save(state, handle)
+    return Path(path)
+
+
+def load_training_state(path) -> dict:
+    """A checkpoint saved by save_training_state. Tensors and plain types only: no pickle runs."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated file, a foreign pickle
+        raise PipelineError(f"{path}: not a usable training checkpoint ({exc})") from None
+    missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise PipelineError(f"{path}: not a training checkpoint (no {', '.join(missing)})")
+    return state

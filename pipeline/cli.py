@@ -13,18 +13,27 @@ from pathlib import Path
 import click
 
 from pipeline import cli_args, jobs
-from pipeline.config import DEVICES, PRECISIONS, TrainConfig
+from pipeline.config import DEVICES, HEARTBEAT_INTERVAL_S, PRECISIONS, STALE_AFTER_S, TrainConfig
 from pipeline.errors import PipelineError
+from pipeline.signals import Terminated, sigterm_raises
 
 
 class PipelineGroup(click.Group):
-    """Turns user mistakes into a one-line error and a non-zero exit, never a traceback."""
+    """Turns user mistakes into a one-line error and a non-zero exit, never a traceback.
+
+    SIGTERM is handled like Ctrl-C (the run ends KILLED, temporary files are removed) and
+    exits 143; Ctrl-C exits 130.
+    """
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with sigterm_raises():
+                return super().invoke(ctx)
         except PipelineError as exc:
             raise click.ClickException(str(exc)) from None
+        except Terminated:
+            click.echo("\nTerminated.", err=True)
+            sys.exit(Terminated.exit_code)
         except KeyboardInterrupt:
             click.echo("\nInterrupted.", err=True)
             sys.exit(130)
@@ -108,6 +117,20 @@ def download_command(data_dir: Path, source: str | None, timeout: float) -> None
     help="Train on data files whose SHA-256 differs from Fashion-MNIST's (your own data in the same "
     "IDX format); without it they are refused before training.",
 )
+@click.option(
+    "--checkpoint-every",
+    type=click.IntRange(min=0),
+    default=TrainConfig.checkpoint_every,
+    help="Also save a resumable checkpoint every N steps; 0: at the end of each epoch only.",
+)
+@click.option(
+    "--resume",
+    metavar="RUN_ID",
+    default=None,
+    help="Continue a KILLED, FAILED or stale RUNNING run from its last checkpoint, in the same run, with "
+    "its own settings (only --data-dir may be given).  [default: none]",
+)
+@cli_args.REUSE
 @cli_args.DATA_DIR
 @cli_args.EXPERIMENT
 def train_command(
@@ -122,10 +145,23 @@ def train_command(
     precision: str,
     channels_last: bool,
     allow_other_data: bool,
+    checkpoint_every: int,
+    resume: str | None,
+    reuse: bool,
     data_dir: Path,
     experiment: str | None,
 ) -> None:
-    """Train a model and record params, metrics and the model in MLflow."""
+    """Train a model and record params, metrics, checkpoints and the model in MLflow."""
+    if resume:
+        ctx, typed_in = click.get_current_context(), click.core.ParameterSource.COMMANDLINE
+        typed = [p for p in ctx.command.params if ctx.get_parameter_source(p.name) == typed_in]
+        extra = [p.opts[0] for p in typed if p.name not in ("resume", "data_dir")]
+        if extra:
+            raise PipelineError(f"--resume continues a run with its own settings; drop {', '.join(extra)}")
+        job = jobs.resume_training(resume, data_dir if "data_dir" in {p.name for p in typed} else None)
+        click.echo(f"Resumed run {resume} from its checkpoint at step {job.resumed_from_step:,}.")
+        _echo_trained(job)
+        return
     config = TrainConfig(
         model=model_name,
         epochs=epochs,
@@ -138,12 +174,22 @@ def train_command(
         precision=precision,
         channels_last=channels_last,
         allow_other_data=allow_other_data,
+        checkpoint_every=checkpoint_every,
         data_dir=data_dir,
     )
-    job = jobs.train_model(config, experiment)
+    job = jobs.train_model(config, experiment, reuse)
+    if job.reused:
+        click.echo(
+            f"Reused train: run {job.run_id} finished training with the same parameters, data digests "
+            "and git commit; nothing was trained."
+        )
+    _echo_trained(job)
+
+
+def _echo_trained(job: jobs.TrainJob) -> None:
     m = job.metrics
     click.echo(
-        f"Trained {model_name} for {m['steps']} steps in {m['wall_time_s']:.1f} s "
+        f"Trained {job.model_name} for {m['steps']:,.0f} steps in {m['wall_time_s']:.1f} s "
         f"({m['train_images_per_s']:,.0f} images/s): test accuracy {m['test_accuracy']:.2%}, "
         f"test loss {m['test_loss']:.4f}"
     )
@@ -162,7 +208,8 @@ def train_command(
 )
 @cli_args.DATA_DIR
 @click.option("--batch-size", type=click.IntRange(min=1), default=200, help="Test images per forward pass.")
-def evaluate_command(run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int) -> None:
+@cli_args.REUSE
+def evaluate_command(run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int, reuse: bool) -> None:
     """Per-class accuracy, confusion matrix and figures on the test set, logged into the run."""
     from pipeline.evaluate import format_evaluation
 
@@ -174,7 +221,10 @@ def evaluate_command(run_id: str | None, model_uri: str | None, data_dir: Path, 
         raise PipelineError("give --run-id or --model-uri, not both")
     if not (model_uri or run_id):
         raise PipelineError("which model? give --run-id ID (list runs with `make ui`) or --model-uri URI")
-    job = jobs.evaluate_run(None if model_uri else run_id, model_uri, data_dir, batch_size)
+    job = jobs.evaluate_run(None if model_uri else run_id, model_uri, data_dir, batch_size, reuse)
+    if job.reused:
+        click.echo(f"Reused evaluate: run {job.run_id} was evaluated with the same test data and git commit.")
+        return
     click.echo(format_evaluation(job.evaluation))
     click.echo(f"\nLogged into run {job.run_id}: {len(job.evaluation.metrics)} metrics; {', '.join(job.artifacts)}")
 
@@ -272,15 +322,21 @@ def predict_command(
     help="Export a copy with conv+BN folded and Linear layers with nothing nonlinear between them merged "
     "(faster, same logits to ~1e-5); parity is still checked against the original model.  [default: fold]",
 )
+@cli_args.REUSE
 @cli_args.DATA_DIR
 def export_onnx_command(
-    run_id: str, output: str | None, opset: int | None, quantize: str, fold: bool | None, data_dir: Path
+    run_id: str, output: str | None, opset: int | None, quantize: str, fold: bool | None, reuse: bool, data_dir: Path
 ) -> None:
     """Export a run's model to ONNX, log it to the run, and check parity with torch.
 
     Exits non-zero when parity (or the int8 accuracy check) fails; the run is tagged parity=failed.
     """
-    job = jobs.export_run(run_id, output, opset, quantize, fold, data_dir)
+    job = jobs.export_run(run_id, output, opset, quantize, fold, data_dir, reuse)
+    if job.reused:
+        click.echo(f"Reused export-onnx: run {job.run_id} was exported with the same settings and passed parity.")
+        for exported in job.models:
+            _echo_exported(job, exported)
+        return
     fp32, *int8 = job.models
     _echo_exported(job, fp32)
     if job.folded_layers:
@@ -322,6 +378,49 @@ def check_parity_command(run_id: str, onnx_file: Path | None, data_dir: Path) ->
         click.echo(line)
     if not result.passed:
         raise PipelineError(result.failure_message())
+
+
+@cli.command("runs")
+@click.option("--experiment", default=None, help="Only this experiment.  [default: every experiment in the store]")
+@click.option(
+    "--stale",
+    is_flag=True,
+    help="Only runs left RUNNING by a process that is gone (kill -9, a crash, a lost machine): its pid is "
+    "dead on this host, or its heartbeat is older than --stale-after.",
+)
+@click.option(
+    "--stale-after",
+    type=click.FloatRange(min=2 * HEARTBEAT_INTERVAL_S),
+    default=STALE_AFTER_S,
+    help=f"Seconds without a heartbeat after which a RUNNING run is stale (a live stage beats every "
+    f"{HEARTBEAT_INTERVAL_S:.0f} s).",
+)
+@click.option("--mark-failed", is_flag=True, help="With --stale: close those runs as FAILED, with an end time.")
+def runs_command(experiment: str | None, stale: bool, stale_after: float, mark_failed: bool) -> None:
+    """List the store's runs, newest first, with what a KILLED or FAILED run can be resumed from."""
+    import time
+
+    if mark_failed and not stale:
+        raise click.UsageError("--mark-failed closes stale runs: give --stale too")
+    job = jobs.list_runs(experiment, stale, stale_after, mark_failed)
+    for row in job.runs:
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row.start_time))
+        if row.stale:
+            detail = f"stale: {row.stale}"
+        elif row.status == "RUNNING":
+            detail = row.liveness
+        elif row.status in ("KILLED", "FAILED") and row.checkpoint_step is not None:
+            detail = f"resumable from step {row.checkpoint_step:,}: pipeline train --resume {row.run_id}"
+        else:
+            detail = ""
+        click.echo(f"{row.run_id}  {row.status:<8}  {started}  {row.experiment}/{row.name}  {detail}".rstrip())
+    if stale:
+        if not job.runs:
+            click.echo("No stale runs.")
+        elif job.marked_failed:
+            click.echo(f"Marked {len(job.marked_failed)} stale run(s) FAILED.")
+        else:
+            click.echo(f"{len(job.runs)} stale run(s); --mark-failed closes them.")
 
 
 @cli.command("bench")

@@ -62,3 +62,15 @@ def run_id(what: str, required: bool = True):
         required=required,
         help=f"MLflow run id {what}. Inside `mlflow run` it defaults to that run.",
     )
+
+
+REUSE_ENV = "PIPELINE_REUSE"
+
+REUSE = click.option(
+    "--reuse",
+    is_flag=True,
+    envvar=REUSE_ENV,
+    show_envvar=True,
+    help="Skip this stage when a finished run already did it with the same parameters, data digests and "
+    "git commit, and use its outputs (`mlflow run . -P reuse=true` sets it for every stage).",
+)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from pipeline.errors import PipelineError
@@ -44,6 +44,11 @@ SEED_RANGE: tuple[int, int] = (0, 2**32 - 1)
 DATA_DIR_ENV = "PIPELINE_DATA_DIR"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "fashion-mnist"
+
+# A running stage refreshes its run's heartbeat tag this often; `pipeline runs --stale` calls a
+# RUNNING run stale when its heartbeat is older than STALE_AFTER_S (or its process is gone).
+HEARTBEAT_INTERVAL_S = 30.0
+STALE_AFTER_S = 300.0
 
 
 def project_root() -> Path:
@@ -91,12 +96,16 @@ class TrainConfig:
     channels_last: bool = True
     # Train on files whose SHA-256 differs from Fashion-MNIST's (own data in the same IDX format).
     allow_other_data: bool = False
+    # A resumable checkpoint is saved at the end of every epoch, and also every N steps if > 0.
+    checkpoint_every: int = 0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise PipelineError(f"checkpoint_every must be 0 (epoch ends only) or more, got {self.checkpoint_every}")
         if self.max_steps is not None and self.max_steps < 1:
             raise PipelineError(f"max_steps must be at least 1, got {self.max_steps}")
         if not (math.isfinite(self.lr) and self.lr > 0):  # `nan <= 0` is False: test what we want
@@ -105,3 +114,25 @@ class TrainConfig:
             raise PipelineError(f"seed must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {self.seed}")
         if self.precision not in PRECISIONS:
             raise PipelineError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+def train_config_from_params(params: dict[str, str], **overrides) -> TrainConfig:
+    """The settings a run was trained with, rebuilt from its logged params (strings), to resume it.
+
+    device and precision come back resolved (cpu, bf16), as the run logged them, so a resumed
+    run computes exactly as before. Params a run lacks keep their defaults.
+    """
+    values = {}
+    for f in fields(TrainConfig):
+        if f.name in overrides or f.name not in params:
+            continue
+        text = params[f.name]
+        if f.type == "int | None":  # max_steps: `mlflow run` logs its "0" (no limit) before train can
+            values[f.name] = None if text in ("None", "0") else int(text)
+        elif f.type == "bool":
+            values[f.name] = text.lower() == "true"
+        elif f.type in ("int", "float"):
+            values[f.name] = int(text) if f.type == "int" else float(text)
+        else:
+            values[f.name] = text
+    return TrainConfig(**values, **overrides)

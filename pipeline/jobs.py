@@ -53,24 +53,110 @@ def download_data(data_dir: Path, source: str | None, timeout: float) -> Downloa
 @dataclass
 class TrainJob:
     run_id: str
+    model_name: str
     model_uri: str
     metrics: dict[str, float]
+    reused: bool = False  # `reuse`: an earlier run had trained the same way; nothing was trained
+    resumed_from_step: int | None = None
 
 
-def train_model(config: TrainConfig, experiment: str | None = None) -> TrainJob:
-    """Train `config.model` in a new MLflow run: params, metrics per step and epoch, the model."""
+# Params that say where or how often, not what is trained: they don't stop a train stage's reuse.
+NOT_IN_TRAIN_KEY = ("data_dir", "checkpoint_every")
+
+
+def train_model(config: TrainConfig, experiment: str | None = None, reuse: bool = False) -> TrainJob:
+    """Train `config.model` in a new MLflow run: params, metrics per step and epoch, checkpoints, the model.
+
+    With `reuse`, a FINISHED run of the experiment that trained with the same params, data
+    digests and git commit stands in for this one (`mlflow run . -P reuse=true`).
+    """
     from pipeline import tracking
-    from pipeline.progress import ProgressBar
-    from pipeline.train import fit, setup
+    from pipeline.train import setup
 
     quiet_known_warnings()
     tracking.connect()  # an unusable store fails here, in seconds, before the data is loaded
     # Before the run exists: missing or unknown data, or no CUDA, must not leave an empty FAILED run.
-    trainer = setup(config)
+    t = setup(config)
     with tracking.run(run_name=config.model, experiment=experiment, tags={"stage": "train"}) as active:
-        result = fit(trainer, [tracking.MlflowTrainCallback(), ProgressBar()])
-        model_uri = tracking.log_torch_model(result.model, result.example_input, result.params["class_names"])
-    return TrainJob(active.info.run_id, model_uri, result.metrics)
+        key = _train_key(t)
+        if reuse and (earlier := tracking.finished_stage_run("train", key)) is not None:
+            tracking.mark_reused("train", earlier.info.run_id, active.info.run_id)
+            model_uri = earlier.data.tags.get(tracking.MODEL_URI_TAG, f"runs:/{earlier.info.run_id}/model")
+            return TrainJob(earlier.info.run_id, config.model, model_uri, earlier.data.metrics, reused=True)
+        job = _fit_and_log(t, tracking.MlflowTrainCallback(), active.info.run_id)
+        tracking.mark_stage_done("train", key)
+    return job
+
+
+def resume_training(run_id: str, data_dir: Path | None = None) -> TrainJob:
+    """Continue a KILLED, FAILED or stale RUNNING run from its last checkpoint, in the same run.
+
+    The settings are the run's own; on the same machine the result is exactly the one the run
+    would have reached uninterrupted. Metrics it had logged past the checkpoint are not logged twice.
+    """
+    from pipeline import tracking
+    from pipeline.config import train_config_from_params
+    from pipeline.train import restore_state, setup
+
+    quiet_known_warnings()
+    found = tracking.resumable_run(run_id)
+    params = found.data.params
+    t = setup(train_config_from_params(params, **({"data_dir": data_dir} if data_dir else {})))
+    changed = [k.removeprefix("sha256_") for k, v in t.params.items() if k.startswith("sha256_") and params.get(k) != v]
+    if changed:
+        raise PipelineError(
+            f"the data in {t.config.data_dir} is not what run {run_id} was trained on ({', '.join(changed)} "
+            "differ); give --data-dir with that data"
+        )
+    state = tracking.load_training_state(run_id)
+    restore_state(t, state)
+    with tracking.run(run_id=run_id):
+        job = _fit_and_log(t, tracking.MlflowTrainCallback(tracking.last_logged_steps(run_id)), run_id)
+        tracking.mark_stage_done("train", _train_key(t))
+    job.resumed_from_step = state["step"]
+    return job
+
+
+def _train_key(t) -> str | None:
+    from pipeline import tracking
+
+    return tracking.stage_key("train", {k: v for k, v in t.params.items() if k not in NOT_IN_TRAIN_KEY})
+
+
+def _fit_and_log(t, callback, run_id: str) -> TrainJob:
+    """Train from wherever `t` stands, then log the model into the active run."""
+    from pipeline import tracking
+    from pipeline.progress import ProgressBar
+    from pipeline.train import fit
+
+    result = fit(t, [callback, ProgressBar()])
+    model_uri = tracking.log_torch_model(result.model, result.example_input, result.params["class_names"])
+    return TrainJob(run_id, result.params["model"], model_uri, result.metrics)
+
+
+# ----------------------------------------------------------------- runs
+
+
+@dataclass
+class RunsJob:
+    runs: list  # tracking.RunRow, newest first
+    marked_failed: list[str] = field(default_factory=list)
+
+
+def list_runs(experiment: str | None, stale: bool, stale_after: float, mark_failed: bool) -> RunsJob:
+    """The store's runs; with `stale`, only those left RUNNING by a dead process, closed as FAILED on request."""
+    from pipeline import tracking
+
+    rows = tracking.list_runs(experiment, running_only=stale, stale_after=stale_after)
+    if not stale:
+        return RunsJob(rows)
+    rows = [row for row in rows if row.stale]
+    job = RunsJob(rows)
+    if mark_failed:
+        for row in rows:
+            tracking.mark_failed(row.run_id, row.stale)
+            job.marked_failed.append(row.run_id)
+    return job
 
 
 # ----------------------------------------------------------------- evaluate
@@ -79,21 +165,32 @@ def train_model(config: TrainConfig, experiment: str | None = None) -> TrainJob:
 @dataclass
 class EvaluateJob:
     run_id: str
-    evaluation: Evaluation
+    evaluation: Evaluation | None  # None when reused
     artifacts: list[str]  # what was logged besides the metrics, in the order logged
+    reused: bool = False
 
 
-def evaluate_run(run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int) -> EvaluateJob:
-    """Evaluate a run's model (or the run that logged `model_uri`) on the test set, logged into that run."""
+def evaluate_run(
+    run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int, reuse: bool = False
+) -> EvaluateJob:
+    """Evaluate a run's model (or the run that logged `model_uri`) on the test set, logged into that run.
+
+    With `reuse`, an evaluation the run already has (same batch size, test data and git commit) stands.
+    """
     from pipeline import tracking
     from pipeline.data import load_split
     from pipeline.evaluate import CURVE_METRICS, PER_CLASS_TABLE, evaluate, write_report
 
     quiet_known_warnings()
     tracking.connect()
-    run_id = tracking.run_id_for_model(model_uri) if model_uri else tracking.get_run(run_id).info.run_id
-    model, class_names = tracking.load_run_model(run_id)
+    job_run = run_id
+    run_id = tracking.run_id_for_model(model_uri) if model_uri else tracking.model_run(run_id)
     split = load_split(data_dir, "test")
+    key = tracking.stage_key("evaluate", {"run_id": run_id, "batch_size": batch_size, **split.digests})
+    if reuse and tracking.finished_stage_run("evaluate", key, run_id) is not None:
+        tracking.mark_reused("evaluate", run_id, job_run or run_id)
+        return EvaluateJob(run_id, None, [], reused=True)
+    model, class_names = tracking.load_run_model(run_id)
     result = evaluate(model, split.images, split.labels, class_names, batch_size)
     history = tracking.metric_history(run_id, CURVE_METRICS)
     # Logged at the run's last training step, so these become the run's latest values.
@@ -103,6 +200,7 @@ def evaluate_run(run_id: str | None, model_uri: str | None, data_dir: Path, batc
         written = write_report(result, split.images, history, Path(tmp), subtitle)
         with tracking.run(run_id=run_id):
             tracking.log_evaluation(result.metrics, last_step, result.per_class, PER_CLASS_TABLE, Path(tmp))
+            tracking.mark_stage_done("evaluate", key)
     return EvaluateJob(run_id, result, [f"{PER_CLASS_TABLE} (table)", *(path.name for path in written)])
 
 
@@ -167,24 +265,32 @@ class ExportJob:
     model_name: str
     models: list[ExportedModel]
     folded_layers: str | None
-    parity: ParityResult
+    parity: ParityResult | None  # None when reused (it had passed)
     int8_check: QuantizedCheckResult | None = None
+    reused: bool = False
 
     @property
     def failures(self) -> list[str]:
-        found = [] if self.parity.passed else [self.parity.failure_message()]
+        found = [] if self.parity is None or self.parity.passed else [self.parity.failure_message()]
         if self.int8_check is not None and not self.int8_check.passed:
             found.append(self.int8_check.failure_message())
         return found
 
 
 def export_run(
-    run_id: str, output: str | None, opset: int | None, quantize: str, fold: bool | None, data_dir: Path
+    run_id: str,
+    output: str | None,
+    opset: int | None,
+    quantize: str,
+    fold: bool | None,
+    data_dir: Path,
+    reuse: bool = False,
 ) -> ExportJob:
     """Export a run's model to ONNX (and int8), check parity with torch, log all of it into the run.
 
     A failed check is reported in the result, not raised: the run keeps its status and is
-    tagged parity=failed, and the caller decides the exit code.
+    tagged parity=failed, and the caller decides the exit code. With `reuse` (and no --output),
+    an export the run already has, with the same settings and a passed check, stands.
     """
     from pipeline import export, tracking
     from pipeline.data import load_split
@@ -192,13 +298,22 @@ def export_run(
 
     quiet_known_warnings()
     tracking.connect()
+    job_run, run_id = run_id, tracking.model_run(run_id)
+    fold = export.FOLD_BY_DEFAULT if fold is None else fold
+    test = load_split(data_dir, "test")
+    settings = {"run_id": run_id, "opset": opset, "quantize": quantize, "fold": fold, **test.digests}
+    key = tracking.stage_key("export", settings)
+    if reuse and not output and (earlier := tracking.finished_stage_run("export", key, run_id)) is not None:
+        tracking.mark_reused("export", run_id, job_run)
+        variants = ["fp32", "int8"] if quantize == "int8" else ["fp32"]
+        uris = [earlier.data.tags[tracking.ONNX_URI_TAGS[variant]] for variant in variants]
+        models = [ExportedModel(variant, uri, None) for variant, uri in zip(variants, uris, strict=True)]
+        return ExportJob(run_id, earlier.data.params.get("model", ""), models, None, None, reused=True)
     model, class_names = tracking.load_run_model(run_id)
     model_name = model.registry_name
     target = export.resolve_output(output, model_name) if output else None
-    test = load_split(data_dir, "test")
     calibration = export.calibration_sample(load_split(data_dir, "train").images) if quantize == "int8" else None
     example = export.example_input(test.images)
-    fold = export.FOLD_BY_DEFAULT if fold is None else fold
     with tempfile.TemporaryDirectory(prefix="export-onnx-") as tmp:
         fp32_path = export.export_onnx(
             model,
@@ -227,6 +342,8 @@ def export_run(
             tracking.log_check(job.parity, "parity.json", "parity")
             if job.int8_check is not None:
                 tracking.log_check(job.int8_check, "int8_check.json", "int8_check")
+            if not job.failures:
+                tracking.mark_stage_done("export", key)
     return job
 
 

@@ -8,12 +8,17 @@ tests or at a remote server, and every stage follows.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import posixpath
+import socket
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,14 +27,21 @@ from mlflow.entities import RunStatus
 from sqlalchemy.exc import SQLAlchemyError
 
 from pipeline.callbacks import TrainCallback
-from pipeline.config import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, project_root
+from pipeline.config import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, HEARTBEAT_INTERVAL_S, STALE_AFTER_S, project_root
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     from pipeline.train import TrainResult
 
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
+# The latest training state, replaced at every checkpoint (the artifact store publishes it
+# atomically); the checkpoint_step tag is set only once it is complete.
+TRAINING_STATE_ARTIFACT = "checkpoint/training_state.pt"
+CHECKPOINT_STEP_TAG, CHECKPOINT_EPOCH_TAG = "checkpoint_step", "checkpoint_epoch"
+# Who works on a run, and when it last showed signs of life (unix seconds): see staleness().
+HEARTBEAT_TAG, PID_TAG, HOSTNAME_TAG = "heartbeat", "pid", "hostname"
 MODEL_NAME = "model"  # the name of the torch model logged with mlflow.pytorch.log_model
+MODEL_URI_TAG = "model_uri"  # where log_torch_model put it, so a reused train stage can say
 
 
 def store_dir() -> Path:
@@ -156,22 +168,55 @@ def run(
     experiment: str | None = None,
     tags: dict[str, str] | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
-    """Start or resume a run; it ends FINISHED, FAILED (error) or KILLED (Ctrl-C), never RUNNING."""
+    """Start or resume a run; it ends FINISHED, FAILED (error) or KILLED (Ctrl-C, SIGTERM), never RUNNING.
+
+    While it is open, a heartbeat tag is refreshed with the pid and host, so a run left RUNNING
+    by a process that died without cleaning up (kill -9, a crash, a lost machine) is found stale.
+    """
     configure(experiment)
     if run_id:
         # start_run refuses to resume a run outside the active experiment, so follow the run.
         mlflow.set_experiment(experiment_id=get_run(run_id).info.experiment_id)
-    active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
+    active = mlflow.start_run(run_id=run_id, run_name=run_name, tags={**(tags or {}), **_liveness_tags()})
+    heartbeat = Heartbeat(active.info.run_id)
+    status = RunStatus.FINISHED
     try:
         yield active
-    except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
+    except KeyboardInterrupt:  # Ctrl-C, and SIGTERM (signals.Terminated)
+        status = RunStatus.KILLED
         raise
     except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+        status = RunStatus.FAILED
         raise
-    else:
-        mlflow.end_run()
+    finally:
+        heartbeat.stop()
+        mlflow.end_run(RunStatus.to_string(status))
+
+
+def _liveness_tags() -> dict[str, str]:
+    return {HEARTBEAT_TAG: f"{time.time():.0f}", PID_TAG: str(os.getpid()), HOSTNAME_TAG: socket.gethostname()}
+
+
+class Heartbeat:
+    """Refreshes a run's heartbeat tag from a daemon thread until stopped."""
+
+    def __init__(self, run_id: str, interval: float = HEARTBEAT_INTERVAL_S):
+        self.run_id, self.interval = run_id, interval
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+        self.thread.start()
+
+    def _beat(self) -> None:
+        client = mlflow.MlflowClient()
+        while not self.stopped.wait(self.interval):
+            try:
+                client.set_tag(self.run_id, HEARTBEAT_TAG, f"{time.time():.0f}")
+            except Exception:  # a store busy for a moment must not break the stage; the next beat retries
+                pass
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=10)
 
 
 def get_run(run_id: str) -> Any:
@@ -229,6 +274,7 @@ def log_torch_model(model: Any, example: Any, class_names: list[str]) -> str:
         path = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
         save_checkpoint(model, path, class_names)
         mlflow.log_artifact(str(path), str(Path(CHECKPOINT_ARTIFACT).parent))
+    mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
     return info.model_uri
 
 
@@ -398,24 +444,239 @@ def search_runs(experiment: str | None = None, run_ids: Iterable[str] = ()) -> A
 
 
 class MlflowTrainCallback(TrainCallback):
-    """Streams a training run into the active MLflow run."""
+    """Streams a training run into the active MLflow run, checkpoints included."""
+
+    def __init__(self, logged_steps: dict[str, int] | None = None):
+        # The last step logged for each metric. A resumed run starts from the store's (see
+        # last_logged_steps): what the killed process logged past its checkpoint is not logged twice.
+        self.logged_steps = dict(logged_steps or {})
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        fresh = {k: v for k, v in metrics.items() if step > self.logged_steps.get(k, -1)}
+        if fresh:
+            log_metrics(fresh, step=step)
+            self.logged_steps.update(dict.fromkeys(fresh, step))
 
     def on_train_start(self, params: dict[str, Any]) -> None:
         log_params(params)
 
     def on_log(self, step: int, metrics: dict[str, float]) -> None:
-        log_metrics(metrics, step=step)
+        self._log(metrics, step)
 
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
-        log_metrics({**metrics, "epoch": epoch}, step=step)
+        self._log({**metrics, "epoch": epoch}, step)
+
+    def on_checkpoint(self, epoch: int, step: int, state: dict[str, Any]) -> None:
+        from pipeline.checkpoint import save_training_state
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save_training_state(state, Path(tmp) / posixpath.basename(TRAINING_STATE_ARTIFACT))
+            mlflow.log_artifact(str(path), posixpath.dirname(TRAINING_STATE_ARTIFACT))
+        mlflow.set_tags({CHECKPOINT_STEP_TAG: str(step), CHECKPOINT_EPOCH_TAG: str(epoch)})
 
     def on_train_end(self, result: TrainResult) -> None:
-        log_metrics(
+        self._log(
             {k: v for k, v in result.metrics.items() if k not in ("test_accuracy", "test_loss")},
-            step=result.metrics["steps"],
+            result.metrics["steps"],
         )
         mlflow.log_dict(result.params["class_names"], "class_names.json")
         mlflow.log_dict(result.history, "history.json")
+
+
+# ----------------------------------------------------------------- resume and stale runs
+
+
+def last_logged_steps(run_id: str) -> dict[str, int]:
+    """The last step of every metric the run has logged."""
+    client = mlflow.MlflowClient()
+    return {key: max(m.step for m in client.get_metric_history(run_id, key)) for key in get_run(run_id).data.metrics}
+
+
+def resumable_run(run_id: str) -> Any:
+    """A KILLED, FAILED or stale RUNNING run with a training checkpoint; else a PipelineError that says why."""
+    connect()
+    found = get_run(run_id)
+    status = found.info.status
+    if status == "FINISHED":
+        raise PipelineError(f"run {run_id} is FINISHED: there is nothing to resume")
+    if status == "RUNNING":
+        why = staleness(found)
+        if why is None:
+            raise PipelineError(
+                f"run {run_id} is still RUNNING ({describe_liveness(found)}); stop it first, "
+                "or resume it once `pipeline runs --stale` lists it"
+            )
+    elif status not in ("KILLED", "FAILED"):
+        raise PipelineError(f"run {run_id} is {status}; only KILLED, FAILED or stale RUNNING runs can be resumed")
+    if CHECKPOINT_STEP_TAG not in found.data.tags:
+        raise PipelineError(
+            f"run {run_id} has no training checkpoint to resume from (it stopped before its first "
+            "checkpoint, or was not made by `pipeline train`); train it again"
+        )
+    return found
+
+
+def load_training_state(run_id: str) -> dict[str, Any]:
+    from pipeline.checkpoint import load_training_state as load
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load(download_artifact(run_id, TRAINING_STATE_ARTIFACT, Path(tmp)))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: it exists
+        return True
+    try:  # a zombie has exited; only its parent has not collected it yet
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _heartbeat(found: Any) -> float:
+    """When the run last showed signs of life (unix seconds): its heartbeat, else its start."""
+    try:
+        return float(found.data.tags[HEARTBEAT_TAG])
+    except (KeyError, ValueError):
+        return found.info.start_time / 1000
+
+
+def staleness(found: Any, stale_after: float = STALE_AFTER_S, now: float | None = None) -> str | None:
+    """Why a RUNNING run is stale (its process is gone, or its heartbeat is too old); None if it looks alive."""
+    if found.info.status != "RUNNING":
+        return None
+    tags = found.data.tags
+    pid = tags.get(PID_TAG, "")
+    if tags.get(HOSTNAME_TAG) == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+        return f"its process {pid} on this host is gone"
+    age = (now or time.time()) - _heartbeat(found)
+    if age > stale_after:
+        return f"no heartbeat for {age:,.0f} s" if HEARTBEAT_TAG in tags else f"started {age:,.0f} s ago, no heartbeat"
+    return None
+
+
+def describe_liveness(found: Any) -> str:
+    tags = found.data.tags
+    where = f"pid {tags[PID_TAG]} on {tags[HOSTNAME_TAG]}, " if PID_TAG in tags and HOSTNAME_TAG in tags else ""
+    return f"{where}last heartbeat {time.time() - _heartbeat(found):,.0f} s ago"
+
+
+@dataclass
+class RunRow:
+    """One run as `pipeline runs` lists it."""
+
+    run_id: str
+    experiment: str
+    name: str
+    status: str
+    start_time: float  # unix seconds
+    checkpoint_step: int | None
+    liveness: str  # for RUNNING runs: pid, host and heartbeat age
+    stale: str | None  # why a RUNNING run is stale
+
+
+def list_runs(experiment: str | None = None, running_only: bool = False, stale_after: float = STALE_AFTER_S) -> list:
+    """Runs of `experiment` (default: every experiment in the store), newest first."""
+    connect()
+    client = mlflow.MlflowClient()
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise PipelineError(f"no experiment {experiment!r} in the tracking store {tracking_uri()}")
+        experiments = [found]
+    else:
+        experiments = client.search_experiments()
+    names = {e.experiment_id: e.name for e in experiments}
+    if not names:
+        return []
+    runs = client.search_runs(
+        list(names),
+        filter_string="attributes.status = 'RUNNING'" if running_only else "",
+        order_by=["attributes.start_time DESC"],
+        max_results=10_000,
+    )
+    now = time.time()
+    return [
+        RunRow(
+            run_id=r.info.run_id,
+            experiment=names[r.info.experiment_id],
+            name=r.info.run_name or "",
+            status=r.info.status,
+            start_time=r.info.start_time / 1000,
+            checkpoint_step=int(r.data.tags[CHECKPOINT_STEP_TAG]) if CHECKPOINT_STEP_TAG in r.data.tags else None,
+            liveness=describe_liveness(r) if r.info.status == "RUNNING" else "",
+            stale=staleness(r, stale_after, now),
+        )
+        for r in runs
+    ]
+
+
+def mark_failed(run_id: str, why: str) -> None:
+    """Close a stale run: FAILED, with an end time and a tag that says why."""
+    client = mlflow.MlflowClient()
+    client.set_tag(run_id, "closed_as_stale", why)
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
+
+
+# ----------------------------------------------------------------- stage reuse (`mlflow run . -P reuse=true`)
+
+
+def source_commit() -> str | None:
+    """The git commit of the project's checkout, or None outside one."""
+    from mlflow.utils.git_utils import get_git_commit
+
+    return get_git_commit(str(project_root()))
+
+
+def stage_key(stage: str, settings: dict[str, Any]) -> str | None:
+    """A digest of what a stage's outputs depend on: its settings (data digests included) and the git
+    commit. None outside a git checkout, where nothing is reused."""
+    commit = source_commit()
+    if commit is None:
+        return None
+    blob = json.dumps({"stage": stage, "git_commit": commit, **settings}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _stage_tag(stage: str) -> str:
+    return f"stage_key.{stage}"
+
+
+def mark_stage_done(stage: str, key: str | None) -> None:
+    """Tag the active run: it holds `stage`'s outputs for `key`, for a later `reuse` to find."""
+    if key:
+        mlflow.set_tag(_stage_tag(stage), key)
+
+
+def finished_stage_run(stage: str, key: str | None, run_id: str | None = None) -> Any:
+    """A FINISHED run that already did `stage` for `key`: `run_id` itself, or the newest in the active
+    experiment when `run_id` is None. None when there is none."""
+    if not key:
+        return None
+    if run_id:
+        found = get_run(run_id)
+        return found if found.info.status == "FINISHED" and found.data.tags.get(_stage_tag(stage)) == key else None
+    hits = mlflow.MlflowClient().search_runs(
+        [mlflow.active_run().info.experiment_id],
+        filter_string=f"tags.`{_stage_tag(stage)}` = '{key}' AND attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    return hits[0] if hits else None
+
+
+def mark_reused(stage: str, source_run_id: str, job_run_id: str) -> None:
+    """Tag the job's run: `stage` was not run again; its outputs are in `source_run_id`."""
+    if job_run_id != source_run_id:
+        mlflow.MlflowClient().set_tag(job_run_id, f"reused.{stage}", source_run_id)
+
+
+def model_run(run_id: str) -> str:
+    """The run that holds `run_id`'s trained model: a job run whose train stage was reused points to it."""
+    return get_run(run_id).data.tags.get("reused.train", run_id)
 
 
 # ----------------------------------------------------------------- ONNX export helpers

@@ -9,6 +9,7 @@ callbacks, so it runs the same with MLflow on, off, or pointed at a temporary st
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,7 +73,11 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, steps:
 
 @dataclass
 class Trainer:
-    """Everything a training run holds between epochs: built once by `setup`, advanced by `run_epoch`."""
+    """Everything a training run holds between steps: built once by `setup`, advanced by `run_epoch`.
+
+    `capture_state` and `restore_state` turn it into a checkpoint and back, so a run killed at
+    any checkpoint continues to exactly the result it would have reached.
+    """
 
     config: TrainConfig
     model: nn.Module
@@ -92,7 +97,16 @@ class Trainer:
     epoch: int = 0
     images_seen: int = 0
     train_seconds: float = 0.0
+    earlier_seconds: float = 0.0  # wall time spent by the processes before a resume
+    started: float = field(default_factory=time.perf_counter)  # when this process began training
     history: list[dict[str, float]] = field(default_factory=list)
+    # The epoch in progress. A mid-epoch checkpoint keeps the shuffle generator's state from the
+    # epoch's start, so a resume draws the same order again and skips the steps already done.
+    epoch_step: int = 0  # steps done in the current epoch; 0 between epochs
+    epoch_shuffle: torch.Tensor | None = None
+    epoch_loss: float = 0.0
+    window_loss: float = 0.0  # since the last on_log
+    window_steps: int = 0
 
     @property
     def done(self) -> bool:
@@ -162,16 +176,25 @@ def setup(config: TrainConfig) -> Trainer:
 
 
 def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, float]:
-    """One epoch (or what is left of max_steps), then one evaluation on the test set; returns its metrics."""
+    """One epoch (or what is left of it, or of max_steps), then one evaluation on the test set.
+
+    Calls on_checkpoint every `checkpoint_every` steps within the epoch and once at its end.
+    Returns the epoch's metrics.
+    """
     config, model = t.config, t.model
-    t.epoch += 1
+    if t.epoch_step == 0:
+        t.epoch += 1
+        t.epoch_shuffle = t.shuffle.get_state()
+        t.epoch_loss, t.window_loss, t.window_steps = 0.0, 0.0, 0
+    else:  # resumed mid-epoch: the epoch's order again, from the generator state it was drawn with
+        t.shuffle.set_state(t.epoch_shuffle)
     model.train()
-    steps_this_epoch = min(t.steps_per_epoch, t.total_steps - t.step)
+    steps_this_epoch = min(t.steps_per_epoch, t.total_steps - (t.step - t.epoch_step))
     for cb in callbacks:
-        cb.on_epoch_start(t.epoch, steps_this_epoch)
-    epoch_loss, window_loss, window_steps = 0.0, 0.0, 0
+        cb.on_epoch_start(t.epoch, steps_this_epoch - t.epoch_step)
+    batches = shuffled_batches(len(t.train_y), config.batch_size, t.shuffle, steps_this_epoch)
     tick = time.perf_counter()
-    for index in shuffled_batches(len(t.train_y), config.batch_size, t.shuffle, steps_this_epoch):
+    for index in batches[t.epoch_step :]:
         index = index.to(t.device)
         with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
             logits = model(t.train_x[index].contiguous(memory_format=t.layout))
@@ -180,6 +203,7 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
         loss.backward()
         t.optimizer.step()
         t.step += 1
+        t.epoch_step += 1
         t.images_seen += len(index)
         loss_value = loss.item()
         if not math.isfinite(loss_value):
@@ -187,45 +211,112 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
                 f"training diverged: the loss is {loss_value} at step {t.step}; lower the learning rate "
                 f"(--lr, now {config.lr})"
             )
-        epoch_loss += loss_value
-        window_loss += loss_value
-        window_steps += 1
+        t.epoch_loss += loss_value
+        t.window_loss += loss_value
+        t.window_steps += 1
         for cb in callbacks:
             cb.on_step(t.step, loss_value, len(index))
         if t.step % config.log_every == 0:
             for cb in callbacks:
-                cb.on_log(t.step, {"train_loss_step": window_loss / window_steps})
-            window_loss, window_steps = 0.0, 0
+                cb.on_log(t.step, {"train_loss_step": t.window_loss / t.window_steps})
+            t.window_loss, t.window_steps = 0.0, 0
+        # The epoch's last step is checkpointed after its evaluation, below.
+        if config.checkpoint_every and t.step % config.checkpoint_every == 0 and t.epoch_step < steps_this_epoch:
+            t.train_seconds += time.perf_counter() - tick
+            checkpoint(t, callbacks)
+            tick = time.perf_counter()
     t.train_seconds += time.perf_counter() - tick
 
     metrics = {
-        "train_loss": epoch_loss / steps_this_epoch,
+        "train_loss": t.epoch_loss / steps_this_epoch,
         **loss_and_accuracy(compute_logits(model, t.test_x, config.eval_batch_size), t.test_y),
     }
+    t.epoch_step = 0
     t.history.append({"epoch": t.epoch, "step": t.step, **metrics})
     for cb in callbacks:
         cb.on_epoch_end(t.epoch, t.step, metrics)
+    checkpoint(t, callbacks)
     return metrics
 
 
-def train(config: TrainConfig, callbacks: list[TrainCallback] = ()) -> TrainResult:
-    """The whole run: setup, epochs until done, and the result with its final metrics."""
-    return fit(setup(config), callbacks)
+def checkpoint(t: Trainer, callbacks: list[TrainCallback]) -> None:
+    if callbacks:
+        state = capture_state(t)
+        for cb in callbacks:
+            cb.on_checkpoint(t.epoch, t.step, state)
+
+
+def capture_state(t: Trainer) -> dict[str, Any]:
+    """What a resume needs, as tensors and plain types (torch.load(weights_only=True) reads it back).
+
+    The tensors are the live ones, not copies: save the state before training goes on.
+    """
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    rng = {
+        "torch": torch.get_rng_state(),
+        "numpy": (np_kind, torch.from_numpy(np_keys.astype(np.int64)), np_pos, np_has_gauss, np_gauss),
+        "python": random.getstate(),
+        "shuffle": t.shuffle.get_state(),
+        "epoch_shuffle": t.epoch_shuffle,
+    }
+    if t.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(t.device)
+    return {
+        "model_name": t.config.model,
+        "total_steps": t.total_steps,
+        "model": t.model.state_dict(),
+        "optimizer": t.optimizer.state_dict(),
+        "rng": rng,
+        "step": t.step,
+        "epoch": t.epoch,
+        "epoch_step": t.epoch_step,
+        "epoch_loss": t.epoch_loss,
+        "window_loss": t.window_loss,
+        "window_steps": t.window_steps,
+        "images_seen": t.images_seen,
+        "train_seconds": t.train_seconds,
+        "elapsed_seconds": t.earlier_seconds + time.perf_counter() - t.started,
+        "history": [dict(row) for row in t.history],
+    }
+
+
+def restore_state(t: Trainer, state: dict[str, Any]) -> None:
+    """Put a fresh `setup` back where `capture_state` was taken: weights, optimizer, counters, every RNG."""
+    if state["model_name"] != t.config.model or state["total_steps"] != t.total_steps:
+        raise PipelineError(
+            f"the checkpoint is of a {state['model_name']} run of {state['total_steps']} steps, "
+            f"not of this {t.config.model} run of {t.total_steps} steps"
+        )
+    t.model.load_state_dict(state["model"])
+    t.optimizer.load_state_dict(state["optimizer"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = rng["numpy"]
+    np.random.set_state((np_kind, np_keys.numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss))
+    random.setstate(rng["python"])
+    t.shuffle.set_state(rng["shuffle"])
+    t.epoch_shuffle = rng["epoch_shuffle"]
+    if "cuda" in rng and t.device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], t.device)
+    for name in ("step", "epoch", "epoch_step", "epoch_loss", "window_loss", "window_steps", "images_seen"):
+        setattr(t, name, state[name])
+    t.train_seconds = state["train_seconds"]
+    t.earlier_seconds = state["elapsed_seconds"]
+    t.history = [dict(row) for row in state["history"]]
 
 
 def fit(t: Trainer, callbacks: list[TrainCallback] = ()) -> TrainResult:
-    """Epochs from a `setup` until done, and the result with its final metrics."""
+    """Epochs until done, from wherever `t` stands (fresh, or restored from a checkpoint)."""
     for cb in callbacks:
         cb.on_train_start(t.params)
-    started = time.perf_counter()
+    t.started = time.perf_counter()
     while not t.done:
         run_epoch(t, callbacks)
-    wall = time.perf_counter() - started
     final = {
         **{k: v for k, v in t.history[-1].items() if k not in ("epoch", "step")},
         "steps": t.step,
         "epochs_completed": t.epoch,
-        "wall_time_s": wall,
+        "wall_time_s": t.earlier_seconds + time.perf_counter() - t.started,
         "train_time_s": t.train_seconds,
         "train_images_per_s": t.images_seen / t.train_seconds if t.train_seconds else 0.0,
     }
@@ -234,3 +325,8 @@ def fit(t: Trainer, callbacks: list[TrainCallback] = ()) -> TrainResult:
     for cb in callbacks:
         cb.on_train_end(result)
     return result
+
+
+def train(config: TrainConfig, callbacks: list[TrainCallback] = ()) -> TrainResult:
+    """The whole run: setup, epochs until done, and the result with its final metrics."""
+    return fit(setup(config), callbacks)

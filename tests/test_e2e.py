@@ -28,31 +28,21 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
     }
     for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
         env.pop(name, None)
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "run",
-            str(REPO),
-            "--env-manager",
-            "local",
-            "--experiment-name",
-            "e2e",
-            "-P",
-            "model=cnn",
-            "-P",
-            "max_steps=30",
-            "-P",
-            "lr=1e-3",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+
+    def mlflow_run(*extra: str) -> subprocess.CompletedProcess:
+        args = ["--env-manager", "local", "--experiment-name", "e2e", "-P", "model=cnn", "-P", "max_steps=30"]
+        completed = subprocess.run(
+            [sys.executable, "-m", "mlflow", "run", str(REPO), *args, "-P", "lr=1e-3", *extra],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+        return completed
+
+    mlflow_run()
 
     runs = mlflow.search_runs(experiment_names=["e2e"])
     assert len(runs) == 1
@@ -79,3 +69,11 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
     assert any(m.source_run_id == run.info.run_id and m.name == tracking.MODEL_NAME for m in logged)
     model, names = tracking.load_run_model(run.info.run_id)
     assert type(model).__name__ == "FashionCNN" and len(names) == 10
+
+    # The same job again with reuse=true: every stage is skipped and points to the first run.
+    again = mlflow_run("-P", "reuse=true")
+    for stage in ("train", "evaluate", "export-onnx"):
+        assert f"Reused {stage}: run {run.info.run_id}" in again.stdout, again.stdout[-3000:]
+    second = mlflow.search_runs(experiment_names=["e2e"], filter_string=f"attributes.run_id != '{run.info.run_id}'")
+    tags = mlflow.get_run(second.run_id[0]).data.tags
+    assert [tags[f"reused.{stage}"] for stage in ("train", "evaluate", "export")] == [run.info.run_id] * 3

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from pipeline.callbacks import TrainCallback
+from pipeline.checkpoint import load_training_state, save_training_state
 from pipeline.errors import PipelineError
 from pipeline.evaluate import compute_logits
-from pipeline.train import TrainConfig, shuffled_batches, train
+from pipeline.train import TrainConfig, fit, restore_state, setup, shuffled_batches, train
 
 
 class Recorder(TrainCallback):
@@ -164,3 +165,53 @@ def test_training_refuses_data_that_is_not_fashion_mnist(synthetic_data_dir):
     assert "--allow-other-data" in str(info.value)
     config.allow_other_data = True
     assert train(config).metrics["steps"] == 1
+
+
+class StopAtCheckpoint(TrainCallback):
+    """Saves every checkpoint to a file, as a callback without MLflow would, and stops at `stop_step`."""
+
+    def __init__(self, folder, stop_step):
+        self.folder, self.stop_step = folder, stop_step
+
+    def on_checkpoint(self, epoch, step, state):
+        save_training_state(state, self.folder / f"state-{step}.pt")
+        if step >= self.stop_step:
+            raise KeyboardInterrupt
+
+
+def test_a_run_resumed_from_any_checkpoint_ends_exactly_as_the_uninterrupted_one(synthetic_data_dir, tmp_path):
+    # The CNN: BatchNorm buffers, Dropout2d (the torch RNG), Adam state and the shuffle order all matter.
+    config = TrainConfig(
+        model="cnn",
+        epochs=2,
+        batch_size=50,
+        checkpoint_every=5,
+        data_dir=synthetic_data_dir,
+        allow_other_data=True,
+    )
+    reference = train(config)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, [StopAtCheckpoint(tmp_path, stop_step=15)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-10.pt", "state-12.pt", "state-15.pt", "state-5.pt"]
+    for step in (12, 15):  # the end of epoch 1; 3 steps into epoch 2
+        state = load_training_state(tmp_path / f"state-{step}.pt")
+        assert (state["step"], state["epoch"], state["epoch_step"]) == (step, 1 if step == 12 else 2, step - 12)
+        trainer = setup(config)
+        restore_state(trainer, state)
+        resumed = fit(trainer)
+        assert resumed.metrics["test_loss"] == reference.metrics["test_loss"]  # to the last bit
+        assert resumed.history == reference.history
+        for name, tensor in resumed.model.state_dict().items():
+            assert torch.equal(tensor, reference.model.state_dict()[name]), name
+
+
+def test_a_training_checkpoint_is_loaded_without_running_pickles(tmp_path):
+    import pickle
+
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps(Recorder(), protocol=2))  # any object that isn't tensors and plain types
+    with pytest.raises(PipelineError, match="not a usable training checkpoint"):
+        load_training_state(path)
+    torch.save({"model": {}}, path)
+    with pytest.raises(PipelineError, match="not a training checkpoint"):
+        load_training_state(path)
