@@ -144,6 +144,23 @@ def test_resume_after_kill_9_gives_exactly_the_uninterrupted_result(data_1200, t
         assert tensor.equal(reference_model.state_dict()[name]), name
 
 
+def test_a_runs_settings_come_back_from_its_logged_params():
+    from dataclasses import asdict
+
+    from pipeline.config import TrainConfig, train_config_from_params
+
+    config = TrainConfig(
+        model="dnn", epochs=3, lr=0.003, max_steps=7, channels_last=False, checkpoint_every=5, data_dir=Path("/d")
+    )
+    params = {key: str(value) for key, value in asdict(config).items()}  # as MLflow stores them
+    assert train_config_from_params(params) == config
+    # `mlflow run` logs its own spelling first: max_steps 0 is "no limit".
+    assert train_config_from_params({**params, "max_steps": "0", "lr": "3e-3"}) == TrainConfig(
+        **{**asdict(config), "max_steps": None}
+    )
+    assert train_config_from_params(params, data_dir=Path("/elsewhere")).data_dir == Path("/elsewhere")
+
+
 def test_resume_refuses_what_cannot_be_resumed(tracking_store):
     def resume(run_id, *extra):
         result = CliRunner().invoke(cli, ["train", "--resume", run_id, *extra])
