@@ -101,6 +101,8 @@ class TrainConfig:
     # accuracy), and fp32 elsewhere, where emulated bf16 would be slower.
     precision: str = "auto"  # auto | fp32 | bf16
     channels_last: bool = True
+    # CPU, memory (and GPU) use sampled into the run by MLflow while it trains, as system/* metrics.
+    system_metrics: bool = True
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
