@@ -7,13 +7,15 @@ BIN    := $(CURDIR)/$(VENV)/bin
 STAMP  := $(VENV)/.installed
 DATA   := data/FashionMNIST/raw/t10k-labels-idx1-ubyte
 MODEL  ?= cnn
+REGISTER ?= false
+UI_PORT  ?= 5000
 
 # One tracking store for every run of the project: pipeline train, mlflow run and the UI.
 export MLFLOW_TRACKING_URI    ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 export MLFLOW_EXPERIMENT_NAME ?= fashion-mnist
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test ui lint bench bench-quick clean distclean
+.PHONY: setup run test ui screenshots lint bench bench-quick clean distclean
 
 setup: $(STAMP) $(DATA)
 
@@ -33,14 +35,25 @@ $(DATA): | $(STAMP)
 
 run: setup
 	mkdir -p mlruns
-	$(BIN)/mlflow run . -P model=$(MODEL) --env-manager local --experiment-name $(MLFLOW_EXPERIMENT_NAME)
+	$(BIN)/mlflow run . -P model=$(MODEL) -P register=$(REGISTER) --env-manager local \
+	  --experiment-name $(MLFLOW_EXPERIMENT_NAME)
 
 test: setup
 	$(BIN)/python -m pytest
 
+# The printed link opens the experiment's runs with the pipeline's columns (test accuracy, parity, ...).
 ui: setup
 	mkdir -p mlruns
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port 5000
+	$(BIN)/pipeline ui-url --host 127.0.0.1 --port $(UI_PORT)
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT)
+
+# The README's pictures of the UI: a fresh store with a real DNN run and a real CNN run (a few
+# minutes of CPU), photographed with Debian's headless Chromium (installed here when missing).
+screenshots: setup
+	command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
+	$(BIN)/python scripts/screenshots.py
 
 # Full mode: every measurement, 3 alternating rounds, plus a real 5-epoch `mlflow run`: about 9 minutes here.
 bench: setup

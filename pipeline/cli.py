@@ -131,6 +131,11 @@ def download_command(data_dir: Path, source: str | None, timeout: float) -> None
     "its own settings (only --data-dir may be given).  [default: none]",
 )
 @cli_args.REUSE
+@click.option(
+    "--system-metrics/--no-system-metrics",
+    default=TrainConfig.system_metrics,
+    help="Sample CPU, memory and GPU use into the run (MLflow's system/* metrics) while it trains.",
+)
 @cli_args.DATA_DIR
 @cli_args.EXPERIMENT
 def train_command(
@@ -148,6 +153,7 @@ def train_command(
     checkpoint_every: int,
     resume: str | None,
     reuse: bool,
+    system_metrics: bool,
     data_dir: Path,
     experiment: str | None,
 ) -> None:
@@ -175,6 +181,7 @@ def train_command(
         channels_last=channels_last,
         allow_other_data=allow_other_data,
         checkpoint_every=checkpoint_every,
+        system_metrics=system_metrics,
         data_dir=data_dir,
     )
     job = jobs.train_model(config, experiment, reuse)
@@ -245,12 +252,15 @@ def evaluate_command(run_id: str | None, model_uri: str | None, data_dir: Path, 
     help="Where compare.csv and the bar chart go.",
 )
 def compare_command(experiment: str | None, run_ids: tuple[str, ...], output_dir: Path) -> None:
-    """Evaluated runs side by side: params, cost, overall and per-class accuracy, differences."""
+    """Evaluated runs side by side: params, cost, overall and per-class accuracy, differences.
+
+    The table and chart are also logged to MLflow, as a `compare ...` run in the baseline's experiment.
+    """
     from pipeline.compare import format_comparison
 
-    comparison, written = jobs.compare_runs(experiment, run_ids, output_dir)
-    click.echo(format_comparison(comparison))
-    click.echo(f"\nWrote {', '.join(str(path) for path in written)}")
+    job = jobs.compare_runs(experiment, run_ids, output_dir)
+    click.echo(format_comparison(job.comparison))
+    click.echo(f"\nWrote {', '.join(str(path) for path in job.written)}; logged to MLflow as run {job.run_id}")
 
 
 @cli.command("predict")
@@ -421,6 +431,55 @@ def runs_command(experiment: str | None, stale: bool, stale_after: float, mark_f
             click.echo(f"Marked {len(job.marked_failed)} stale run(s) FAILED.")
         else:
             click.echo(f"{len(job.runs)} stale run(s); --mark-failed closes them.")
+
+
+@cli.command("register")
+@cli_args.run_id("whose exported ONNX model is registered (its parity check must have passed)")
+@click.option(
+    "--name",
+    default=None,
+    help="Registered model name; the PyTorch model goes to NAME-pytorch. Give runs of different models "
+    "the same name to make them compete for champion.  [default: fashion-<model>, e.g. fashion-cnn]",
+)
+def register_command(run_id: str, name: str | None) -> None:
+    """Register a run's ONNX model (and its PyTorch model) in the Model Registry, aliased `candidate`."""
+    job = jobs.register_run(run_id, name)
+    for registered in filter(None, (job.onnx, job.pytorch)):
+        how = "registered as" if registered.created else "already registered as"
+        click.echo(f"{how} {registered.name} v{registered.version} (alias candidate)")
+    click.echo(f"test accuracy {job.test_accuracy:.2%} on {job.test_images:,} test images; ONNX parity passed")
+    click.echo(f"Next: pipeline promote --name {job.onnx.name}")
+
+
+@cli.command("promote")
+@click.option("--name", required=True, help="Registered model name, e.g. fashion-cnn.")
+@click.option(
+    "--version",
+    default=None,
+    help="Make this version the champion, whatever its accuracy.  [default: the candidate, if it beats the "
+    "champion by more than the noise margin]",
+)
+@click.option("--force", is_flag=True, help="Promote the candidate even if it does not beat the champion.")
+def promote_command(name: str, version: str | None, force: bool) -> None:
+    """Move the `champion` alias, which predict and serve follow (models:/NAME@champion)."""
+    job = jobs.promote_model(name, version, force)
+    click.echo(job.decision.message + ".")
+    if job.champion:
+        click.echo(f"Champion: models:/{name}@champion = {name} v{job.champion}")
+
+
+@cli.command("ui-url")
+@cli_args.EXPERIMENT
+@click.option("--host", default="127.0.0.1", help="Where `mlflow ui` listens.")
+@click.option("--port", type=int, default=5000, help="Where `mlflow ui` listens.")
+def ui_url_command(experiment: str | None, host: str, port: int) -> None:
+    """Print the MLflow UI's links to the experiment's runs (with the pipeline's columns) and to the registry."""
+    links = jobs.ui_links(experiment, host, port)
+    if links.runs:
+        click.echo(f"Runs of experiment {links.experiment!r}: {links.runs}")
+    else:
+        click.echo(f"No experiment {links.experiment!r} in the store yet: `make run` makes one.")
+    click.echo(f"Registered models: {links.models}")
 
 
 @cli.command("bench")

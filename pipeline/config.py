@@ -98,6 +98,8 @@ class TrainConfig:
     allow_other_data: bool = False
     # A resumable checkpoint is saved at the end of every epoch, and also every N steps if > 0.
     checkpoint_every: int = 0
+    # CPU, memory (and GPU) use sampled into the run by MLflow while it trains, as system/* metrics.
+    system_metrics: bool = True
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

@@ -12,6 +12,7 @@ module costs nothing and `predict` never pulls in torch.
 from __future__ import annotations
 
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from pipeline.evaluate import Evaluation
     from pipeline.parity import ParityResult, QuantizedCheckResult
     from pipeline.predict import PredictConfig, PredictSummary
+    from pipeline.registry import Promotion, Registration
 
 
 def quiet_known_warnings() -> None:
@@ -60,6 +62,30 @@ class TrainJob:
     resumed_from_step: int | None = None
 
 
+def run_name(config: TrainConfig, started: float | None = None) -> str:
+    """'cnn-5ep-lr0.001-seed0-1129-1835': what was trained, how long, and when, so runs tell apart in the UI."""
+    length = f"{config.max_steps}steps" if config.max_steps else f"{config.epochs}ep"
+    when = time.strftime("%m%d-%H%M", time.localtime(started))
+    return f"{config.model}-{length}-lr{config.lr:g}-seed{config.seed}-{when}"
+
+
+def _data_split(name: str, data_dir: Path, digests: dict[str, str], rows: int) -> Any:
+    from pipeline import tracking
+    from pipeline.data import raw_dir
+
+    return tracking.DataSplit(name, raw_dir(data_dir), digests, rows)
+
+
+def _trained_splits(params: dict[str, Any], data_dir: Path) -> list[Any]:
+    """The train and test splits a training run read, from the digests and sizes it logged as params."""
+    from pipeline.data import SPLIT_FILES
+
+    return [
+        _data_split(split, data_dir, {f: params[f"sha256_{f}"] for f in SPLIT_FILES[split]}, params[f"{split}_size"])
+        for split in ("train", "test")
+    ]
+
+
 # Params that say where or how often, not what is trained: they don't stop a train stage's reuse.
 NOT_IN_TRAIN_KEY = ("data_dir", "checkpoint_every")
 
@@ -77,7 +103,7 @@ def train_model(config: TrainConfig, experiment: str | None = None, reuse: bool 
     tracking.connect()  # an unusable store fails here, in seconds, before the data is loaded
     # Before the run exists: missing or unknown data, or no CUDA, must not leave an empty FAILED run.
     t = setup(config)
-    with tracking.run(run_name=config.model, experiment=experiment, tags={"stage": "train"}) as active:
+    with tracking.run(run_name=run_name(config), experiment=experiment, system_metrics=config.system_metrics) as active:
         key = _train_key(t)
         if reuse and (earlier := tracking.finished_stage_run("train", key)) is not None:
             tracking.mark_reused("train", earlier.info.run_id, active.info.run_id)
@@ -85,6 +111,7 @@ def train_model(config: TrainConfig, experiment: str | None = None, reuse: bool 
             return TrainJob(earlier.info.run_id, config.model, model_uri, earlier.data.metrics, reused=True)
         job = _fit_and_log(t, tracking.MlflowTrainCallback(), active.info.run_id)
         tracking.mark_stage_done("train", key)
+        tracking.finish_stage(active.info.run_id, "train")
     return job
 
 
@@ -113,6 +140,7 @@ def resume_training(run_id: str, data_dir: Path | None = None) -> TrainJob:
     with tracking.run(run_id=run_id):
         job = _fit_and_log(t, tracking.MlflowTrainCallback(tracking.last_logged_steps(run_id)), run_id)
         tracking.mark_stage_done("train", _train_key(t))
+        tracking.finish_stage(run_id, "train")
     job.resumed_from_step = state["step"]
     return job
 
@@ -130,7 +158,10 @@ def _fit_and_log(t, callback, run_id: str) -> TrainJob:
     from pipeline.train import fit
 
     result = fit(t, [callback, ProgressBar()])
-    model_uri = tracking.log_torch_model(result.model, result.example_input, result.params["class_names"])
+    tracking.log_datasets(_trained_splits(result.params, t.config.data_dir))
+    model_uri = tracking.log_torch_model(
+        result.model, result.example_input, result.params["class_names"], step=int(result.metrics["steps"])
+    )
     return TrainJob(run_id, result.params["model"], model_uri, result.metrics)
 
 
@@ -198,19 +229,29 @@ def evaluate_run(
     with tempfile.TemporaryDirectory() as tmp:
         subtitle = f" · {getattr(model, 'registry_name', type(model).__name__)} run {run_id[:8]}"
         written = write_report(result, split.images, history, Path(tmp), subtitle)
+        test = _data_split("test", data_dir, split.digests, len(split.labels))
         with tracking.run(run_id=run_id):
-            tracking.log_evaluation(result.metrics, last_step, result.per_class, PER_CLASS_TABLE, Path(tmp))
+            tracking.log_evaluation(result.metrics, last_step, result.per_class, PER_CLASS_TABLE, Path(tmp), test)
             tracking.mark_stage_done("evaluate", key)
+        tracking.finish_stage(run_id, "evaluate")
     return EvaluateJob(run_id, result, [f"{PER_CLASS_TABLE} (table)", *(path.name for path in written)])
 
 
 # ----------------------------------------------------------------- compare
 
 
-def compare_runs(experiment: str | None, run_ids: tuple[str, ...], output_dir: Path) -> tuple[Comparison, list[Path]]:
-    """Evaluated runs side by side; the table and chart are written to `output_dir`."""
+@dataclass
+class CompareJob:
+    comparison: Comparison
+    written: list[Path]
+    run_id: str  # the comparison run that holds the table and chart in MLflow
+
+
+def compare_runs(experiment: str | None, run_ids: tuple[str, ...], output_dir: Path) -> CompareJob:
+    """Evaluated runs side by side; the table and chart go to `output_dir` and to a comparison run in MLflow."""
     from pipeline import tracking
     from pipeline.compare import compare, select_runs, write_outputs
+    from pipeline.config import slug
     from pipeline.evaluate import PER_CLASS_CSV
 
     selected = select_runs(tracking.search_runs(experiment, run_ids), run_ids)
@@ -222,7 +263,24 @@ def compare_runs(experiment: str | None, run_ids: tuple[str, ...], output_dir: P
             continue
         supports[run_id] = dict(zip(table["class_name"], table["support"], strict=True))
     comparison = compare(selected, supports)
-    return comparison, write_outputs(comparison, output_dir)
+    written = write_outputs(comparison, output_dir)
+    c = comparison
+    overall = zip(c.labels, c.runs["metrics.test_accuracy"], strict=True)
+    metrics = {f"accuracy_{slug(label)}": float(accuracy) for label, accuracy in overall}
+    for column in c.deltas.columns:
+        name = slug(column.replace(" - ", "_minus_"))
+        metrics[f"delta_{name}"] = float(c.deltas.at["overall", column])
+        metrics[f"margin_{name}"] = float(c.margins.at["overall", column])
+    run_id = tracking.log_comparison(
+        experiment_id=str(c.runs.iloc[0]["experiment_id"]),
+        run_name="compare " + " vs ".join(c.labels),
+        description="\n\n".join(c.verdicts) or "Only one run: evaluate a run of another model to compare.",
+        params={f"run_{slug(label)}": run for label, run in zip(c.labels, c.runs["run_id"], strict=True)},
+        metrics={k: v for k, v in metrics.items() if v == v},  # NaN margins (unknown test sizes) left out
+        table=c.table.reset_index(),
+        files=written,
+    )
+    return CompareJob(comparison, written, run_id)
 
 
 # ----------------------------------------------------------------- predict
@@ -335,15 +393,18 @@ def export_run(
         if quantize == "int8":
             paths["int8"] = export.quantize_int8(fp32_path, export.int8_path_for(fp32_path), calibration)
             job.int8_check = check_quantized(model, paths["int8"], test.images, test.labels, class_names)
+        step = tracking.export_step(run_id)
         with tracking.run(run_id=run_id):
             for variant, path in paths.items():
-                uri = tracking.log_onnx_model(path, variant, example, export.onnx_logits(path, example))
+                uri = tracking.log_onnx_model(path, variant, example, export.onnx_logits(path, example), step)
                 job.models.append(ExportedModel(variant, uri, path if target else None))
-            tracking.log_check(job.parity, "parity.json", "parity")
+            uris = {m.variant: m.model_uri for m in job.models}
+            tracking.log_check(job.parity, "parity.json", "parity", uris["fp32"], step)
             if job.int8_check is not None:
-                tracking.log_check(job.int8_check, "int8_check.json", "int8_check")
+                tracking.log_check(job.int8_check, "int8_check.json", "int8_check", uris["int8"], step)
             if not job.failures:
                 tracking.mark_stage_done("export", key)
+        tracking.finish_stage(run_id, "export-onnx")
     return job
 
 
@@ -357,12 +418,45 @@ def check_run_parity(run_id: str, onnx_file: Path | None, data_dir: Path) -> Par
     tracking.connect()
     model, class_names = tracking.load_run_model(run_id)
     test = load_split(data_dir, "test")
+    logged_uri = None if onnx_file else tracking.run_onnx_model_uri(run_id)
     with tempfile.TemporaryDirectory(prefix="check-parity-") as tmp:
-        onnx_path = onnx_file or tracking.download_onnx_model(tracking.run_onnx_model_uri(run_id), Path(tmp))
+        onnx_path = onnx_file or tracking.download_onnx_model(logged_uri, Path(tmp))
         result = check_parity(model, onnx_path, test.images, test.labels, class_names)
     with tracking.run(run_id=run_id):
-        tracking.log_check(result, "parity.json", "parity")
+        tracking.log_check(result, "parity.json", "parity", logged_uri, tracking.export_step(run_id))
+    tracking.finish_stage(run_id, "check-parity")
     return result
+
+
+# ----------------------------------------------------------------- register / promote / ui-url
+
+
+def register_run(run_id: str, name: str | None = None) -> Registration:
+    """The run's ONNX model (and PyTorch twin) in the Model Registry, aliased candidate."""
+    from pipeline import registry
+
+    return registry.register_run(run_id, name)
+
+
+def promote_model(name: str, version: str | None = None, force: bool = False) -> Promotion:
+    """Move the champion alias: to `version`, or to the candidate if it beats the champion by more than noise."""
+    from pipeline import registry
+
+    return registry.promote(name, version, force)
+
+
+@dataclass
+class UiLinks:
+    experiment: str
+    runs: str | None  # None: the experiment does not exist yet
+    models: str
+
+
+def ui_links(experiment: str | None, host: str, port: int) -> UiLinks:
+    """Where `mlflow ui` shows the experiment's runs (with the pipeline's columns) and the registry."""
+    from pipeline import tracking
+
+    return UiLinks(tracking.experiment_name(experiment), *tracking.ui_links(experiment, f"http://{host}:{port}"))
 
 
 # ----------------------------------------------------------------- bench

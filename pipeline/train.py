@@ -27,6 +27,7 @@ from pipeline.data import check_known, load_split
 from pipeline.errors import PipelineError
 from pipeline.evaluate import compute_logits, images_to_tensor, loss_and_accuracy
 from pipeline.models import build_model, count_parameters, model_class
+from pipeline.provenance import git_commit, library_versions
 
 
 @dataclass
@@ -59,10 +60,6 @@ def resolve_precision(choice: str, device: torch.device) -> str:
     if choice == "auto":
         return "bf16" if native_bf16(device) else "fp32"
     return choice
-
-
-def library_versions() -> dict[str, str]:
-    return {"torch_version": torch.__version__, "numpy_version": np.__version__}
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, steps: int) -> list[torch.Tensor]:
@@ -155,6 +152,7 @@ def setup(config: TrainConfig) -> Trainer:
         "num_threads": torch.get_num_threads(),
         "class_names": list(CLASS_NAMES),
         **library_versions(),
+        "git_commit": git_commit(),
         **{f"sha256_{name}": digest for name, digest in {**train_split.digests, **test_split.digests}.items()},
     }
     return Trainer(

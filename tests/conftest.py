@@ -154,6 +154,29 @@ def exported_onnx_uri(trained_run) -> str:
     return tracking.run_onnx_model_uri(trained_run["run_id"])
 
 
+@pytest.fixture(scope="session")
+def champion_uri(exported_onnx_uri, trained_run) -> str:
+    """trained_run's logged ONNX model, parity re-checked, registered and promoted through the real CLI.
+
+    The parity check runs again because other tests check deliberately broken files against
+    this run, which tags it parity=failed, and `register` refuses such a run.
+    """
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    env = {"MLFLOW_TRACKING_URI": trained_run["store"], "MLFLOW_EXPERIMENT_NAME": "tests", "MLFLOW_RUN_ID": None}
+    run_id, data_dir = trained_run["run_id"], str(trained_run["data_dir"])
+    for args in (
+        ["check-parity", "--run-id", run_id, "--data-dir", data_dir],
+        ["register", "--run-id", run_id, "--name", "tests-cnn"],
+        ["promote", "--name", "tests-cnn"],
+    ):
+        result = CliRunner().invoke(cli, args, env=env)
+        assert result.exit_code == 0, result.output
+    return "models:/tests-cnn@champion"
+
+
 @pytest.fixture
 def use_trained_run(trained_run, monkeypatch) -> dict:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_run["store"])

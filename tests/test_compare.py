@@ -183,3 +183,31 @@ def test_compare_explicit_runs_and_errors(two_runs, tmp_path):
         result = CliRunner().invoke(cli, ["compare", *args, "--output-dir", str(tmp_path / "bad")], env=env)
         assert result.exit_code != 0 and needle in result.output, result.output
         assert "Traceback" not in result.output and not (tmp_path / "bad").exists()
+
+
+def test_compare_is_logged_to_mlflow_as_a_run_of_its_own(two_runs, tmp_path):
+    ids, env = two_runs["run_ids"], two_runs["env"]
+    result = CliRunner().invoke(cli, ["compare", "--output-dir", str(tmp_path / "out")], env=env)
+    assert result.exit_code == 0, result.output
+    compare_id = result.output.split("logged to MLflow as run ")[1].split()[0]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    run = mlflow.get_run(compare_id)
+    dnn, cnn = mlflow.get_run(ids["dnn"]), mlflow.get_run(ids["cnn"])
+    assert run.info.experiment_id == dnn.info.experiment_id and run.info.run_name == "compare dnn vs cnn"
+    assert run.data.tags["stages"] == "compare" and "cnn is " in run.data.tags["mlflow.note.content"]
+    assert run.data.params == {"run_dnn": ids["dnn"], "run_cnn": ids["cnn"]}
+    metrics = run.data.metrics
+    assert metrics["accuracy_dnn"] == pytest.approx(dnn.data.metrics["test_accuracy"])
+    assert metrics["delta_cnn_minus_dnn"] == pytest.approx(
+        cnn.data.metrics["test_accuracy"] - dnn.data.metrics["test_accuracy"]
+    )
+    p_dnn, p_cnn = dnn.data.metrics["test_accuracy"], cnn.data.metrics["test_accuracy"]
+    assert metrics["margin_cnn_minus_dnn"] == pytest.approx(binomial_margin(p_dnn, 200, p_cnn, 200))
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(compare_id)}
+    assert artifacts == {COMPARE_CSV, COMPARE_PNG, "compare_table.json"}
+    table = mlflow.load_table("compare_table.json", run_ids=[compare_id])
+    assert table.set_index("field").at["run_id", "cnn"] == ids["cnn"]
+
+    # The comparison run is not a candidate for the next comparison.
+    again = CliRunner().invoke(cli, ["compare", "--output-dir", str(tmp_path / "again")], env=env)
+    assert again.exit_code == 0 and "cnn is " in again.output and "compare" not in again.output.split("\n")[0]

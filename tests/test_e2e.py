@@ -42,7 +42,7 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
         assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
         return completed
 
-    mlflow_run()
+    mlflow_run("-P", "register=true")
 
     runs = mlflow.search_runs(experiment_names=["e2e"])
     assert len(runs) == 1
@@ -69,6 +69,17 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
     assert any(m.source_run_id == run.info.run_id and m.name == tracking.MODEL_NAME for m in logged)
     model, names = tracking.load_run_model(run.info.run_id)
     assert type(model).__name__ == "FashionCNN" and len(names) == 10
+
+    # What the UI shows: a named run with its stages, the real splits as datasets, system
+    # metrics, and the registered candidate (-P register=true).
+    assert run.info.run_name.startswith("cnn-30steps-lr0.001-seed0-")
+    assert run.data.tags["stages"] == "train, evaluate, export-onnx, register"
+    assert "ONNX parity: **passed**" in run.data.tags["mlflow.note.content"]
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"fashion-mnist-train", "fashion-mnist-test"}
+    assert "system/cpu_utilization_percentage" in metrics
+    assert mlflow.get_experiment_by_name("e2e").tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    candidate = mlflow.MlflowClient().get_model_version_by_alias("fashion-cnn", "candidate")
+    assert candidate.run_id == run.info.run_id and candidate.tags["parity"] == "passed"
 
     # The same job again with reuse=true: every stage is skipped and points to the first run.
     again = mlflow_run("-P", "reuse=true")

@@ -467,7 +467,8 @@ def test_model_uris_resolve_to_the_logged_onnx_model(
         assert read_table(io.StringIO(result.stdout), "csv")["predicted_id"].tolist() == expected, uri
 
     result = run_predict("--model", "models:/no-such-model@champion", tmp_path / "x.npy")
-    assert result.exit_code == 1 and "cannot fetch model" in result.output and "Traceback" not in result.output
+    assert result.exit_code == 1 and "no registered model 'no-such-model'" in result.output
+    assert "pipeline register" in result.output and "Traceback" not in result.output
     result = run_predict("--model", f"runs:/{use_trained_run['run_id']}/model", tmp_path / "x.npy")
     assert result.exit_code == 1 and "not an ONNX model" in result.output  # the torch model of the run
 

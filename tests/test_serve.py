@@ -1,5 +1,6 @@
 """`mlflow models serve` answers /invocations with the logits of the ONNX model that
-`pipeline export-onnx` logged, the same logits onnxruntime gives locally."""
+`pipeline export-onnx` logged, the same logits onnxruntime gives locally. It serves it the
+way the README does: by the registry alias that `pipeline promote` moves, models:/NAME@champion."""
 
 from __future__ import annotations
 
@@ -66,11 +67,11 @@ def stop(server: subprocess.Popen) -> None:
             server.wait(timeout=15)
 
 
-def test_mlflow_models_serve_answers_with_the_onnx_logits(exported_onnx_uri, use_trained_run, trained_onnx, tmp_path):
+def test_mlflow_models_serve_answers_with_the_onnx_logits(champion_uri, use_trained_run, trained_onnx, tmp_path):
     bin_dir = Path(sys.executable).parent  # the venv's mlflow, and the uvicorn it execs by name
     port = free_port()
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", exported_onnx_uri, "--env-manager", "local"]
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", champion_uri, "--env-manager", "local"]
     command += ["-h", "127.0.0.1", "-p", str(port)]
     log = tmp_path / "serve.log"
     with open(log, "wb") as log_file:
