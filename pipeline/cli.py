@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from pipeline import cli_args, jobs
-from pipeline.config import DEVICES, HEARTBEAT_INTERVAL_S, PRECISIONS, STALE_AFTER_S, TrainConfig
+from pipeline.config import DOWNLOAD_TIMEOUT_S, HEARTBEAT_INTERVAL_S, STALE_AFTER_S, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.signals import Terminated, sigterm_raises
 
@@ -66,10 +66,18 @@ def cli() -> None:
     "Tried first; then Debian's copy in /usr/share/datasets/fashion-mnist; then "
     "torchvision's mirrors.  [default: none]",
 )
-@click.option("--timeout", type=cli_args.POSITIVE_FLOAT, default=30.0, help="Seconds to wait for a network source.")
+@click.option(
+    "--timeout", type=cli_args.POSITIVE_FLOAT, default=DOWNLOAD_TIMEOUT_S, help="Seconds to wait for a network source."
+)
 def download_command(data_dir: Path, source: str | None, timeout: float) -> None:
     """Put the four Fashion-MNIST files in DATA_DIR, verified by SHA-256."""
-    report = jobs.download_data(data_dir, source, timeout)
+    _echo_download(jobs.download_data(data_dir, source, timeout), data_dir)
+
+
+def _echo_download(report, data_dir: Path) -> None:
+    if report is None:
+        click.echo(f"Download skipped: --allow-other-data trains on the data in {data_dir} as it is.")
+        return
     for label, why in report.fell_back.items():
         echo_err(f"Warning: fell back from {label}: {why}.")
     if report.already_present:
@@ -81,48 +89,7 @@ def download_command(data_dir: Path, source: str | None, timeout: float) -> None
 
 
 @cli.command("train")
-@cli_args.MODEL
-@click.option("--epochs", type=int, default=TrainConfig.epochs, help="Passes over the 60,000 training images.")
-@click.option("--batch-size", type=int, default=TrainConfig.batch_size, help="Images per optimizer step.")
-@click.option("--lr", type=cli_args.POSITIVE_FLOAT, default=TrainConfig.lr, help="Adam learning rate.")
-@click.option("--seed", type=cli_args.SEED, default=TrainConfig.seed, help="Seeds weights, dropout and shuffling.")
-@click.option(
-    "--max-steps",
-    type=click.IntRange(min=0),
-    default=0,
-    help="Stop after N optimizer steps, for smoke runs; 0 means no limit.",
-)
-@click.option(
-    "--device",
-    type=click.Choice(DEVICES),
-    default=TrainConfig.device,
-    help="auto picks cuda when torch sees a GPU.",
-)
-@click.option("--log-every", type=int, default=TrainConfig.log_every, help="Log the mean training loss every N steps.")
-@click.option(
-    "--precision",
-    type=click.Choice(PRECISIONS),
-    default=TrainConfig.precision,
-    help="bf16 runs forward/backward under bfloat16 autocast (weights stay fp32); auto picks bf16 where "
-    "the CPU or GPU computes it natively, else fp32.",
-)
-@click.option(
-    "--channels-last/--no-channels-last",
-    default=TrainConfig.channels_last,
-    help="NHWC memory layout for conv layers.",
-)
-@click.option(
-    "--allow-other-data",
-    is_flag=True,
-    help="Train on data files whose SHA-256 differs from Fashion-MNIST's (your own data in the same "
-    "IDX format); without it they are refused before training.",
-)
-@click.option(
-    "--checkpoint-every",
-    type=click.IntRange(min=0),
-    default=TrainConfig.checkpoint_every,
-    help="Also save a resumable checkpoint every N steps; 0: at the end of each epoch only.",
-)
+@cli_args.train_settings
 @click.option(
     "--resume",
     metavar="RUN_ID",
@@ -131,32 +98,8 @@ def download_command(data_dir: Path, source: str | None, timeout: float) -> None
     "its own settings (only --data-dir may be given).  [default: none]",
 )
 @cli_args.REUSE
-@click.option(
-    "--system-metrics/--no-system-metrics",
-    default=TrainConfig.system_metrics,
-    help="Sample CPU, memory and GPU use into the run (MLflow's system/* metrics) while it trains.",
-)
-@cli_args.DATA_DIR
 @cli_args.EXPERIMENT
-def train_command(
-    model_name: str,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    seed: int,
-    max_steps: int,
-    device: str,
-    log_every: int,
-    precision: str,
-    channels_last: bool,
-    allow_other_data: bool,
-    checkpoint_every: int,
-    resume: str | None,
-    reuse: bool,
-    system_metrics: bool,
-    data_dir: Path,
-    experiment: str | None,
-) -> None:
+def train_command(resume: str | None, reuse: bool, experiment: str | None, **settings) -> None:
     """Train a model and record params, metrics, checkpoints and the model in MLflow."""
     if resume:
         ctx, typed_in = click.get_current_context(), click.core.ParameterSource.COMMANDLINE
@@ -164,36 +107,21 @@ def train_command(
         extra = [p.opts[0] for p in typed if p.name not in ("resume", "data_dir")]
         if extra:
             raise PipelineError(f"--resume continues a run with its own settings; drop {', '.join(extra)}")
-        job = jobs.resume_training(resume, data_dir if "data_dir" in {p.name for p in typed} else None)
+        data_dir = settings["data_dir"] if "data_dir" in {p.name for p in typed} else None
+        job = jobs.resume_training(resume, data_dir)
         click.echo(f"Resumed run {resume} from its checkpoint at step {job.resumed_from_step:,}.")
         _echo_trained(job)
         return
-    config = TrainConfig(
-        model=model_name,
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        seed=seed,
-        max_steps=max_steps or None,
-        device=device,
-        log_every=log_every,
-        precision=precision,
-        channels_last=channels_last,
-        allow_other_data=allow_other_data,
-        checkpoint_every=checkpoint_every,
-        system_metrics=system_metrics,
-        data_dir=data_dir,
-    )
-    job = jobs.train_model(config, experiment, reuse)
+    config = cli_args.train_config(**settings)
+    _echo_trained(jobs.train_model(config, experiment, reuse))
+
+
+def _echo_trained(job: jobs.TrainJob) -> None:
     if job.reused:
         click.echo(
             f"Reused train: run {job.run_id} finished training with the same parameters, data digests "
             "and git commit; nothing was trained."
         )
-    _echo_trained(job)
-
-
-def _echo_trained(job: jobs.TrainJob) -> None:
     m = job.metrics
     click.echo(
         f"Trained {job.model_name} for {m['steps']:,.0f} steps in {m['wall_time_s']:.1f} s "
@@ -202,6 +130,39 @@ def _echo_trained(job: jobs.TrainJob) -> None:
     )
     click.echo(f"Run id: {job.run_id}")
     click.echo(f"Model:  {job.model_uri}")
+
+
+@cli.command("run")
+@cli_args.train_settings
+@cli_args.QUANTIZE
+@cli_args.REUSE
+@click.option(
+    "--register",
+    is_flag=True,
+    envvar="PIPELINE_REGISTER",
+    show_envvar=True,
+    help="Register the exported model (fashion-<model>, alias candidate) once parity has passed "
+    "(`mlflow run . -P register=true` sets it).",
+)
+@cli_args.EXPERIMENT
+def run_command(quantize: str, reuse: bool, register: bool, experiment: str | None, **settings) -> None:
+    """The whole job in one process: download, train, evaluate, export-onnx + parity (, register).
+
+    What `mlflow run .` runs; the same as the five commands one after the other, into one run,
+    without importing torch and MLflow once per stage.
+    """
+    config = cli_args.train_config(**settings)
+    echo = {
+        "download": lambda report: _echo_download(report, config.data_dir),
+        "train": _echo_trained,
+        "evaluate": _echo_evaluation,
+        "export-onnx": _echo_export,
+        "register": _echo_registration,
+    }
+    job = jobs.run_pipeline(config, experiment, quantize, reuse, register, report=lambda stage, r: echo[stage](r))
+    exported = job.stages["export-onnx"]
+    if exported.failures:
+        raise PipelineError("\n".join(exported.failures))
 
 
 @cli.command("evaluate")
@@ -214,12 +175,15 @@ def _echo_trained(job: jobs.TrainJob) -> None:
     "Results go into the run that logged it.  [default: none]",
 )
 @cli_args.DATA_DIR
-@click.option("--batch-size", type=click.IntRange(min=1), default=200, help="Test images per forward pass.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=TrainConfig.eval_batch_size,
+    help="Test images per forward pass.",
+)
 @cli_args.REUSE
 def evaluate_command(run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int, reuse: bool) -> None:
     """Per-class accuracy, confusion matrix and figures on the test set, logged into the run."""
-    from pipeline.evaluate import format_evaluation
-
     # Inside `mlflow run`, MLFLOW_RUN_ID fills --run-id; an explicit --model-uri still wins.
     run_id_from_env = (
         click.get_current_context().get_parameter_source("run_id") == click.core.ParameterSource.ENVIRONMENT
@@ -228,7 +192,12 @@ def evaluate_command(run_id: str | None, model_uri: str | None, data_dir: Path, 
         raise PipelineError("give --run-id or --model-uri, not both")
     if not (model_uri or run_id):
         raise PipelineError("which model? give --run-id ID (list runs with `make ui`) or --model-uri URI")
-    job = jobs.evaluate_run(None if model_uri else run_id, model_uri, data_dir, batch_size, reuse)
+    _echo_evaluation(jobs.evaluate_run(None if model_uri else run_id, model_uri, data_dir, batch_size, reuse))
+
+
+def _echo_evaluation(job: jobs.EvaluateJob) -> None:
+    from pipeline.evaluate import format_evaluation
+
     if job.reused:
         click.echo(f"Reused evaluate: run {job.run_id} was evaluated with the same test data and git commit.")
         return
@@ -319,13 +288,7 @@ def predict_command(
     "the int8 model goes beside it as <name>.int8.onnx.  [default: logged to MLflow only]",
 )
 @click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset.  [default: the exporter's]")
-@click.option(
-    "--quantize",
-    type=click.Choice(["none", "int8"]),
-    default="none",
-    help="int8: also make a static int8 (QDQ) model calibrated on training images; it must stay "
-    "within 0.5 accuracy points of the torch model.",
-)
+@cli_args.QUANTIZE
 @click.option(
     "--fold/--no-fold",
     default=None,
@@ -342,6 +305,13 @@ def export_onnx_command(
     Exits non-zero when parity (or the int8 accuracy check) fails; the run is tagged parity=failed.
     """
     job = jobs.export_run(run_id, output, opset, quantize, fold, data_dir, reuse)
+    _echo_export(job)
+    # The training run keeps its status, tagged parity=failed; the exit code says it failed.
+    if job.failures:
+        raise PipelineError("\n".join(job.failures))
+
+
+def _echo_export(job: jobs.ExportJob) -> None:
     if job.reused:
         click.echo(f"Reused export-onnx: run {job.run_id} was exported with the same settings and passed parity.")
         for exported in job.models:
@@ -357,9 +327,6 @@ def export_onnx_command(
         _echo_exported(job, exported)
         for line in job.int8_check.summary_lines():
             click.echo(line)
-    # The training run keeps its status, tagged parity=failed; the exit code says it failed.
-    if job.failures:
-        raise PipelineError("\n".join(job.failures))
 
 
 def _echo_exported(job: jobs.ExportJob, exported: jobs.ExportedModel) -> None:
@@ -443,7 +410,10 @@ def runs_command(experiment: str | None, stale: bool, stale_after: float, mark_f
 )
 def register_command(run_id: str, name: str | None) -> None:
     """Register a run's ONNX model (and its PyTorch model) in the Model Registry, aliased `candidate`."""
-    job = jobs.register_run(run_id, name)
+    _echo_registration(jobs.register_run(run_id, name))
+
+
+def _echo_registration(job) -> None:
     for registered in filter(None, (job.onnx, job.pytorch)):
         how = "registered as" if registered.created else "already registered as"
         click.echo(f"{how} {registered.name} v{registered.version} (alias candidate)")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import DATA_DIR_ENV, MODEL_NAMES, SEED_RANGE, default_data_dir
+from pipeline.config import DATA_DIR_ENV, DEVICES, MODEL_NAMES, PRECISIONS, SEED_RANGE, TrainConfig, default_data_dir
 
 
 class PositiveFloat(click.types.FloatParamType):
@@ -74,3 +74,78 @@ REUSE = click.option(
     help="Skip this stage when a finished run already did it with the same parameters, data digests and "
     "git commit, and use its outputs (`mlflow run . -P reuse=true` sets it for every stage).",
 )
+
+QUANTIZE = click.option(
+    "--quantize",
+    type=click.Choice(["none", "int8"]),
+    default="none",
+    help="int8: also make a static int8 (QDQ) model calibrated on training images; it must stay "
+    "within 0.5 accuracy points of the torch model.",
+)
+
+
+# The options that make a TrainConfig, shared by `train` and `run` (defaults from TrainConfig).
+_TRAIN_SETTINGS = (
+    MODEL,
+    click.option("--epochs", type=int, default=TrainConfig.epochs, help="Passes over the 60,000 training images."),
+    click.option("--batch-size", type=int, default=TrainConfig.batch_size, help="Images per optimizer step."),
+    click.option("--lr", type=POSITIVE_FLOAT, default=TrainConfig.lr, help="Adam learning rate."),
+    click.option("--seed", type=SEED, default=TrainConfig.seed, help="Seeds weights, dropout and shuffling."),
+    click.option(
+        "--max-steps",
+        type=click.IntRange(min=0),
+        default=0,
+        help="Stop after N optimizer steps, for smoke runs; 0 means no limit.",
+    ),
+    click.option(
+        "--device",
+        type=click.Choice(DEVICES),
+        default=TrainConfig.device,
+        help="auto picks cuda when torch sees a GPU.",
+    ),
+    click.option(
+        "--log-every", type=int, default=TrainConfig.log_every, help="Log the mean training loss every N steps."
+    ),
+    click.option(
+        "--precision",
+        type=click.Choice(PRECISIONS),
+        default=TrainConfig.precision,
+        help="bf16 runs forward/backward under bfloat16 autocast (weights stay fp32); auto picks bf16 where "
+        "the CPU or GPU computes it natively, else fp32.",
+    ),
+    click.option(
+        "--channels-last/--no-channels-last",
+        default=TrainConfig.channels_last,
+        help="NHWC memory layout for conv layers.",
+    ),
+    click.option(
+        "--allow-other-data",
+        is_flag=True,
+        help="Train on data files whose SHA-256 differs from Fashion-MNIST's (your own data in the same "
+        "IDX format); without it they are refused before training.",
+    ),
+    click.option(
+        "--checkpoint-every",
+        type=click.IntRange(min=0),
+        default=TrainConfig.checkpoint_every,
+        help="Also save a resumable checkpoint every N steps; 0: at the end of each epoch only.",
+    ),
+    click.option(
+        "--system-metrics/--no-system-metrics",
+        default=TrainConfig.system_metrics,
+        help="Sample CPU, memory and GPU use into the run (MLflow's system/* metrics) while it trains.",
+    ),
+    DATA_DIR,
+)
+
+
+def train_settings(command):
+    """Decorate a command with every training setting, in the order --help lists them."""
+    for option in reversed(_TRAIN_SETTINGS):
+        command = option(command)
+    return command
+
+
+def train_config(model_name: str, max_steps: int, **settings) -> TrainConfig:
+    """The TrainConfig the train_settings options describe; --max-steps 0 means no limit."""
+    return TrainConfig(model=model_name, max_steps=max_steps or None, **settings)

@@ -42,6 +42,7 @@ PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 SEED_RANGE: tuple[int, int] = (0, 2**32 - 1)
 
 DATA_DIR_ENV = "PIPELINE_DATA_DIR"
+DOWNLOAD_TIMEOUT_S = 30.0  # seconds to wait for a network source
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
 DEFAULT_EXPERIMENT = "fashion-mnist"
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.config import TrainConfig
+from pipeline.config import DOWNLOAD_TIMEOUT_S, TrainConfig
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
@@ -60,6 +60,10 @@ class TrainJob:
     metrics: dict[str, float]
     reused: bool = False  # `reuse`: an earlier run had trained the same way; nothing was trained
     resumed_from_step: int | None = None
+    job_run_id: str | None = None  # the run this job logged into; not run_id when the training was reused
+
+    def __post_init__(self) -> None:
+        self.job_run_id = self.job_run_id or self.run_id
 
 
 def run_name(config: TrainConfig, started: float | None = None) -> str:
@@ -108,7 +112,14 @@ def train_model(config: TrainConfig, experiment: str | None = None, reuse: bool 
         if reuse and (earlier := tracking.finished_stage_run("train", key)) is not None:
             tracking.mark_reused("train", earlier.info.run_id, active.info.run_id)
             model_uri = earlier.data.tags.get(tracking.MODEL_URI_TAG, f"runs:/{earlier.info.run_id}/model")
-            return TrainJob(earlier.info.run_id, config.model, model_uri, earlier.data.metrics, reused=True)
+            return TrainJob(
+                earlier.info.run_id,
+                config.model,
+                model_uri,
+                earlier.data.metrics,
+                reused=True,
+                job_run_id=active.info.run_id,
+            )
         job = _fit_and_log(t, tracking.MlflowTrainCallback(), active.info.run_id)
         tracking.mark_stage_done("train", key)
         tracking.finish_stage(active.info.run_id, "train")
@@ -520,3 +531,47 @@ def _bench_model(run_id: str | None, config) -> tuple[Any, list[str], str]:
         return model, names, f"run {run_id}"
     result = train(TrainConfig(model="cnn", max_steps=config.train_steps, data_dir=config.data_dir))
     return result.model, list(CLASS_NAMES), f"a CNN trained here for {config.train_steps} steps (no finished run found)"
+
+
+# ----------------------------------------------------------------- the whole job in one process
+
+# What `run_pipeline` hands its `report` callback after each stage, in order.
+PIPELINE_STAGES = ("download", "train", "evaluate", "export-onnx", "register")
+
+
+@dataclass
+class PipelineJob:
+    run_id: str  # the job's run: every stage logged into it (or, reused, pointed from it)
+    stages: dict[str, Any]  # stage -> that stage's job result, in PIPELINE_STAGES order
+
+
+def run_pipeline(
+    config: TrainConfig,
+    experiment: str | None = None,
+    quantize: str = "none",
+    reuse: bool = False,
+    register: bool = False,
+    report: Callable[[str, Any], Any] = lambda stage, result: None,
+) -> PipelineJob:
+    """download -> train -> evaluate -> export-onnx + parity (-> register), in ONE process and one run.
+
+    The same jobs as the separate commands, so the run looks the same in MLflow; but torch and
+    MLflow are imported once instead of once per stage (seconds each). `report` gets each stage's
+    result as soon as it is done (download's is None with --allow-other-data: the data is used
+    as it is). A failed parity check stops before `register`.
+    """
+    stages: dict[str, Any] = {}
+
+    def done(stage: str, result: Any) -> Any:
+        stages[stage] = result
+        report(stage, result)
+        return result
+
+    # Other data on purpose: download would replace its files with Fashion-MNIST's.
+    done("download", None if config.allow_other_data else download_data(config.data_dir, None, DOWNLOAD_TIMEOUT_S))
+    run_id = done("train", train_model(config, experiment, reuse)).job_run_id
+    done("evaluate", evaluate_run(run_id, None, config.data_dir, config.eval_batch_size, reuse))
+    exported = done("export-onnx", export_run(run_id, None, None, quantize, None, config.data_dir, reuse))
+    if register and not exported.failures:
+        done("register", register_run(run_id))
+    return PipelineJob(run_id, stages)
