@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import CLASS_NAMES
+from pipeline.config import class_metric_name as class_metric
 from pipeline.errors import PipelineError
-from pipeline.evaluate import class_metric_name as class_metric
 from pipeline.files import atomic_write
 
 KEY_PARAMS = ("epochs", "batch_size", "lr", "seed")

@@ -69,6 +69,11 @@ def default_data_dir() -> Path:
     return Path(env) if env else project_root() / "data"
 
 
+def class_metric_name(class_name: str) -> str:
+    """The metric of one class's test accuracy: 'Ankle boot' -> 'test_accuracy_ankle_boot'."""
+    return f"test_accuracy_{slug(class_name)}"
+
+
 def slug(name: str) -> str:
     """'Ankle boot' -> 'ankle_boot', 'T-shirt/top' -> 't_shirt_top': safe in metric names."""
     out = "".join(ch.lower() if ch.isalnum() else "_" for ch in name)

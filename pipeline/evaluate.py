@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.config import slug
+from pipeline.config import class_metric_name
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write
 
@@ -99,10 +99,6 @@ def per_class_table(confusion: np.ndarray, class_names: Sequence[str]) -> pd.Dat
         },
         columns=list(PER_CLASS_COLUMNS),
     )
-
-
-def class_metric_name(class_name: str) -> str:
-    return f"test_accuracy_{slug(class_name)}"
 
 
 @dataclass
