@@ -415,7 +415,7 @@ def register_command(run_id: str, name: str | None) -> None:
 
 def _echo_registration(job) -> None:
     for registered in filter(None, (job.onnx, job.pytorch)):
-        how = "registered as" if registered.created else "already registered as"
+        how = "Registered as" if registered.created else "Already registered as"
         click.echo(f"{how} {registered.name} v{registered.version} (alias candidate)")
     click.echo(f"test accuracy {job.test_accuracy:.2%} on {job.test_images:,} test images; ONNX parity passed")
     click.echo(f"Next: pipeline promote --name {job.onnx.name}")

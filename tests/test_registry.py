@@ -90,7 +90,7 @@ def test_register_and_promote_both_ways(tracking_store, tmp_path):
     first = exported_run(tmp_path, 0.900)
     result = invoke("register", "--run-id", first)
     assert result.exit_code == 0, result.output
-    assert "registered as fashion-cnn v1 (alias candidate)" in result.output  # fashion-<model> by default
+    assert "Registered as fashion-cnn v1 (alias candidate)" in result.output  # fashion-<model> by default
 
     version = client.get_model_version("fashion-cnn", "1")
     assert version.run_id == first and version.source == tracking.run_model_uri(first, tracking.ONNX_URI_TAGS["fp32"])
@@ -111,7 +111,7 @@ def test_register_and_promote_both_ways(tracking_store, tmp_path):
     assert run_tags[tracking.REGISTERED_TAG] == "fashion-cnn v1" and run_tags["stages"].endswith("register")
 
     again = invoke("register", "--run-id", first)
-    assert again.exit_code == 0 and "already registered as fashion-cnn v1" in again.output
+    assert again.exit_code == 0 and "Already registered as fashion-cnn v1" in again.output
     assert len(client.search_model_versions("name = 'fashion-cnn'")) == 1
 
     result = invoke("promote", "--name", "fashion-cnn")
