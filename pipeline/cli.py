@@ -327,6 +327,8 @@ def _echo_export(job: jobs.ExportJob) -> None:
         _echo_exported(job, exported)
         for line in job.int8_check.summary_lines():
             click.echo(line)
+        if job.int8_note:
+            echo_err(f"Note: {job.int8_note}.")
 
 
 def _echo_exported(job: jobs.ExportJob, exported: jobs.ExportedModel) -> None:

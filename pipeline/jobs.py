@@ -339,6 +339,18 @@ class ExportJob:
     reused: bool = False
 
     @property
+    def int8_note(self) -> str | None:
+        """Why an int8 model won't be faster on this CPU, if it won't: said, not hidden in a benchmark."""
+        from pipeline import hardware
+
+        if self.int8_check is None or hardware.cpu_features().vnni:
+            return None
+        return (
+            "this CPU has no VNNI or AMX: the int8 model will not run faster than fp32 here (it is smaller, "
+            "and faster on CPUs that have them)"
+        )
+
+    @property
     def failures(self) -> list[str]:
         found = [] if self.parity is None or self.parity.passed else [self.parity.failure_message()]
         if self.int8_check is not None and not self.int8_check.passed:

@@ -207,3 +207,16 @@ def test_avx2_cap_masks_features_and_refuses_once_torch_is_loaded(monkeypatch):
     assert "torch" in sys.modules  # this test process has it loaded, so the cap can't apply any more
     with pytest.raises(PipelineError, match="before torch is loaded"):
         hardware.limit_to_avx2()
+
+
+def test_export_says_when_int8_cannot_be_faster_on_this_cpu(monkeypatch):
+    from types import SimpleNamespace
+
+    from pipeline.jobs import ExportJob
+
+    job = ExportJob("run", "cnn", [], None, None, int8_check=SimpleNamespace(passed=True))
+    monkeypatch.setattr(hardware, "cpu_features", lambda: AVX2_ONLY)
+    assert "no VNNI" in job.int8_note
+    monkeypatch.setattr(hardware, "cpu_features", lambda: WITH_BF16)
+    assert job.int8_note is None
+    assert ExportJob("run", "cnn", [], None, None).int8_note is None  # no int8 model, nothing to say
