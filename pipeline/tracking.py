@@ -536,9 +536,15 @@ def download_onnx_model(model_uri: str, dst: Path) -> Path:
     try:
         with quiet_downloads():
             local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
-    except (mlflow.exceptions.MlflowException, OSError) as exc:
+    except ImportError as exc:  # s3://, gs://, ...: MLflow needs that store's client library
         raise PipelineError(
-            f"cannot fetch model {model_uri!r} from the tracking store {tracking_uri()}: {str(exc).splitlines()[0]}"
+            f"cannot fetch model {model_uri!r}: its store needs the {exc.name or 'client'} package, which is not "
+            "installed; download the .onnx file and give its path, or use runs:/ or models:/ URIs of this store"
+        ) from None
+    except Exception as exc:  # MLflow raises MlflowException, OSError or ValueError (http:// URIs) here
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PipelineError(
+            f"cannot fetch model {model_uri!r} from the tracking store {tracking_uri()}: {first_line}"
         ) from None
     if local.is_file():
         return local

@@ -517,3 +517,48 @@ def test_real_test_set_matches_torch_evaluation(real_data_dir, tmp_path):
 def test_predictor_rejects_a_folder_without_one_onnx_file(tmp_path):
     with pytest.raises(PipelineError, match="expected one .onnx file"):
         Predictor(tmp_path)
+
+
+# --------------------------------------------------------------------------- issue 10's predictor bugs
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_a_file_name_that_is_not_utf8_is_written_escaped_in_every_format(trained_onnx, test_split, tmp_path, fmt):
+    import os
+
+    folder = tmp_path / "w"
+    folder.mkdir()
+    Image.fromarray(test_split.images[0]).save(folder / "good.png")
+    with open(os.path.join(os.fsencode(folder), b"bad\xffname.png"), "wb") as handle:
+        Image.fromarray(test_split.images[1]).save(handle, format="PNG")
+    out = tmp_path / f"out.{fmt}"
+    result = run_predict("--model", str(trained_onnx), "--output", str(out), str(folder))
+    assert result.exit_code == 0, result.output
+    table = read_table(out, fmt)
+    assert sorted(Path(s).name for s in table["source"]) == ["bad\\xffname.png", "good.png"]
+    assert table["error"].isna().all()
+
+
+def test_a_fifo_input_gets_an_error_row_instead_of_blocking(trained_onnx, test_split, tmp_path):
+    import os
+
+    Image.fromarray(test_split.images[0]).save(tmp_path / "good.png")
+    os.mkfifo(tmp_path / "f.png")
+    out = tmp_path / "out.csv"
+    args = ["--model", str(trained_onnx), "--output", str(out), str(tmp_path / "f.png"), str(tmp_path / "good.png")]
+    # A subprocess with a time limit: the bug is a read that never returns.
+    code = f"from pipeline.cli import cli; cli({['predict', *args]!r})"
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    table = read_table(out)
+    fifo = table[table["source"].str.endswith("f.png")]
+    assert fifo["error"].str.contains("not a regular file").all() and len(fifo) == 1
+    assert table[table["source"].str.endswith("good.png")]["error"].isna().all()
+
+
+@pytest.mark.parametrize("uri", ["s3://nobucket/x.onnx", "http://127.0.0.1:9/x.onnx"])
+def test_model_uris_of_other_stores_are_a_clear_error(tracking_store, tmp_path, uri):
+    np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), np.uint8))
+    result = run_predict("--model", uri, str(tmp_path / "x.npy"))
+    assert result.exit_code == 1
+    assert f"cannot fetch model '{uri}'" in result.output and "Traceback" not in result.output

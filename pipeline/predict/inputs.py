@@ -88,6 +88,9 @@ def read_source(path: Path, image_size: tuple[int, int], invert: bool = False) -
     if path.is_dir():
         yield Failure(source, None, "no image files in this folder (nor in its subfolders)")
         return
+    if not path.is_file():  # reading a FIFO, socket or device could block forever
+        yield Failure(source, None, "not a regular file (a FIFO, socket or device); give image, array or IDX files")
+        return
     suffix = path.suffix.lower()
     if suffix == ".npy":
         yield from read_array(source, np.load(path, mmap_mode="r", allow_pickle=False), image_size)

@@ -34,6 +34,15 @@ def result_columns(top_k: int) -> list[str]:
     return columns + ["error"]
 
 
+def printable_path(source: str) -> str:
+    """A file name as every output format can hold it.
+
+    Names that aren't valid UTF-8 reach Python with their bad bytes as lone surrogates, which no
+    UTF-8 writer accepts; they are written as backslash escapes instead (b'bad\\xffname.png').
+    """
+    return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def batch_table(batch: Batch, logits: np.ndarray, class_names: list[str], top_k: int) -> pd.DataFrame:
     """One row per input of the batch; prediction columns are empty where the row has an error."""
     rows = len(batch.sources)
@@ -49,7 +58,7 @@ def batch_table(batch: Batch, logits: np.ndarray, class_names: list[str], top_k:
 
     missing = ~ok
     table = {
-        "source": batch.sources,
+        "source": [printable_path(source) for source in batch.sources],
         "index": pd.array(batch.indices, dtype="Int64"),
         "predicted_id": pd.arrays.IntegerArray(spread(order[:, 0].astype(np.int64), 0), missing),
         "predicted_class": spread(names[order[:, 0]], None),
