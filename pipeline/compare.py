@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.config import CLASS_NAMES
+from pipeline.config import CLASS_NAMES, slug
 from pipeline.config import class_metric_name as class_metric
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write
@@ -223,6 +223,24 @@ def compare(runs: pd.DataFrame, supports: Mapping[str, Mapping[str, float]] | No
     comparison.table = side_by_side(comparison)
     comparison.verdicts = [_verdict(base, label, comparison, f"{label} - {base}", runs) for label in labels[1:]]
     return comparison
+
+
+def overall_metrics(c: Comparison) -> dict[str, float]:
+    """The headline numbers as metric names: accuracy_<run>, and delta_ / margin_<run>_minus_<baseline>.
+
+    Margins that cannot be computed (no test-set sizes) are left out rather than logged as NaN.
+    """
+    metrics = {
+        f"accuracy_{slug(label)}": float(accuracy)
+        for label, accuracy in zip(c.labels, c.runs["metrics.test_accuracy"], strict=True)
+    }
+    for column in c.deltas.columns:
+        name = slug(column.replace(" - ", "_minus_"))
+        metrics[f"delta_{name}"] = float(c.deltas.at["overall", column])
+        margin = float(c.margins.at["overall", column])
+        if not math.isnan(margin):
+            metrics[f"margin_{name}"] = margin
+    return metrics
 
 
 def side_by_side(c: Comparison) -> pd.DataFrame:

@@ -261,7 +261,7 @@ class CompareJob:
 def compare_runs(experiment: str | None, run_ids: tuple[str, ...], output_dir: Path) -> CompareJob:
     """Evaluated runs side by side; the table and chart go to `output_dir` and to a comparison run in MLflow."""
     from pipeline import tracking
-    from pipeline.compare import compare, select_runs, write_outputs
+    from pipeline.compare import compare, overall_metrics, select_runs, write_outputs
     from pipeline.config import slug
     from pipeline.evaluate import PER_CLASS_CSV
 
@@ -275,20 +275,14 @@ def compare_runs(experiment: str | None, run_ids: tuple[str, ...], output_dir: P
         supports[run_id] = dict(zip(table["class_name"], table["support"], strict=True))
     comparison = compare(selected, supports)
     written = write_outputs(comparison, output_dir)
-    c = comparison
-    overall = zip(c.labels, c.runs["metrics.test_accuracy"], strict=True)
-    metrics = {f"accuracy_{slug(label)}": float(accuracy) for label, accuracy in overall}
-    for column in c.deltas.columns:
-        name = slug(column.replace(" - ", "_minus_"))
-        metrics[f"delta_{name}"] = float(c.deltas.at["overall", column])
-        metrics[f"margin_{name}"] = float(c.margins.at["overall", column])
+    labels, runs = comparison.labels, comparison.runs
     run_id = tracking.log_comparison(
-        experiment_id=str(c.runs.iloc[0]["experiment_id"]),
-        run_name="compare " + " vs ".join(c.labels),
-        description="\n\n".join(c.verdicts) or "Only one run: evaluate a run of another model to compare.",
-        params={f"run_{slug(label)}": run for label, run in zip(c.labels, c.runs["run_id"], strict=True)},
-        metrics={k: v for k, v in metrics.items() if v == v},  # NaN margins (unknown test sizes) left out
-        table=c.table.reset_index(),
+        experiment_id=str(runs.iloc[0]["experiment_id"]),  # the baseline's
+        run_name="compare " + " vs ".join(labels),
+        description="\n\n".join(comparison.verdicts) or "Only one run: evaluate a run of another model to compare.",
+        params={f"run_{slug(label)}": run for label, run in zip(labels, runs["run_id"], strict=True)},
+        metrics=overall_metrics(comparison),
+        table=comparison.table.reset_index(),
         files=written,
     )
     return CompareJob(comparison, written, run_id)
@@ -416,7 +410,7 @@ def export_run(
         if quantize == "int8":
             paths["int8"] = export.quantize_int8(fp32_path, export.int8_path_for(fp32_path), calibration)
             job.int8_check = check_quantized(model, paths["int8"], test.images, test.labels, class_names)
-        step = tracking.export_step(run_id)
+        step = tracking.fresh_step(run_id)
         with tracking.run(run_id=run_id):
             for variant, path in paths.items():
                 uri = tracking.log_onnx_model(path, variant, example, export.onnx_logits(path, example), step)
@@ -446,7 +440,7 @@ def check_run_parity(run_id: str, onnx_file: Path | None, data_dir: Path) -> Par
         onnx_path = onnx_file or tracking.download_onnx_model(logged_uri, Path(tmp))
         result = check_parity(model, onnx_path, test.images, test.labels, class_names)
     with tracking.run(run_id=run_id):
-        tracking.log_check(result, "parity.json", "parity", logged_uri, tracking.export_step(run_id))
+        tracking.log_check(result, "parity.json", "parity", logged_uri, tracking.fresh_step(run_id))
     tracking.finish_stage(run_id, "check-parity")
     return result
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipeline.compare import binomial_margin
-
 
 @dataclass(frozen=True)
 class Score:
@@ -33,6 +31,10 @@ class Decision:
 
 def decide(candidate: Score, champion: Score | None, force: bool = False) -> Decision:
     """Promote `candidate` if there is no champion, or if it beats the champion by more than the margin."""
+    # Here, not at the top: the registry imports this module on the predictor's path, which stays
+    # free of torch, and compare's module imports the evaluate stage.
+    from pipeline.compare import binomial_margin
+
     if champion is None:
         return Decision(True, f"No champion yet: v{candidate.version} ({candidate.accuracy:.2%}) becomes the champion")
     if champion.version == candidate.version:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import platform
 import subprocess
+import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from pipeline.config import project_root
@@ -19,11 +20,16 @@ UNKNOWN = "unknown"
 
 
 def library_versions() -> dict[str, str]:
-    """{"torch_version": "2.14.1+cpu", ..., "python_version": "3.11.2"}; "unknown" when not installed."""
+    """{"torch_version": "2.14.1+cu130", ..., "python_version": "3.11.2"}; "unknown" when not installed.
+
+    A library already imported reports its own __version__, which for torch names the build
+    (+cpu, +cu130) that the package metadata leaves out.
+    """
     found = {}
     for package in TRACKED_PACKAGES:
+        loaded = getattr(sys.modules.get(package), "__version__", None)
         try:
-            found[f"{package}_version"] = version(package)
+            found[f"{package}_version"] = str(loaded or version(package))
         except PackageNotFoundError:
             found[f"{package}_version"] = UNKNOWN
     found["python_version"] = platform.python_version()

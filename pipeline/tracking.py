@@ -50,7 +50,9 @@ STAGES_TAG = "stages"  # run tag: the stages done on the run so far, in order ("
 REGISTERED_TAG = "registered_as"  # run tag: "fashion-cnn v3", set by `pipeline register`
 
 # The UI's own tag and value for "this experiment trains models" (mlflow 3.17 has no Python
-# constant for it): without it the UI opens an experiment on an empty GenAI traces page.
+# constant for it). Note: 3.17's UI picks the page an experiment opens on from its GenAI /
+# Model training switch (stored per browser), not from this tag; the link ui_links makes sets
+# the switch for that page.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 EXPERIMENT_DESCRIPTION = (
@@ -202,7 +204,7 @@ def configure(experiment: str | None = None) -> str:
 
 
 def mark_experiment(experiment_id: str) -> None:
-    """Make the UI open the experiment on its runs, with a description and the runs view (see RUNS_VIEW).
+    """Tag the experiment as model training, with a description and the runs view (see RUNS_VIEW).
 
     The kind and description are set only where missing, so a description edited in the UI stays.
     """
@@ -230,7 +232,7 @@ def ui_links(experiment: str | None, base_url: str) -> tuple[str | None, str]:
     if found is None:
         return None, models
     mark_experiment(found.experiment_id)
-    # workflowType: the sidebar of model training, not of GenAI, whatever the browser last showed.
+    # workflowType: the Model training side of the UI's switch, whatever this browser last chose.
     query = f"viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning"
     return f"{base_url}/#/experiments/{found.experiment_id}/runs?{query}", models
 
@@ -455,7 +457,8 @@ def log_torch_model(model: Any, example: Any, class_names: list[str], step: int 
     """Log the model with mlflow.pytorch (signature + example) and a plain checkpoint.
 
     step: training's last step. MLflow links the run's metrics at the model's step to the
-    model, so these are the final training metrics (see export_step for the ONNX models).
+    model, so these are the final training metrics (see fresh_step for the ONNX models), and
+    system metrics sampled at that step too, in a run that lasts more seconds than it has steps.
 
     The checkpoint (state_dict + registry name) is what later stages load: it rebuilds the
     real nn.Module, which can switch between train and eval mode, unlike the torch.export
@@ -918,14 +921,18 @@ ONNX_MODEL_NAMES = {"fp32": "onnx_model", "int8": "onnx_model_int8"}  # LoggedMo
 ONNX_URI_TAGS = {"fp32": "onnx_model_uri", "int8": "onnx_int8_model_uri"}  # run tags: where they went
 
 
-def export_step(run_id: str) -> int:
-    """The step ONNX models and their checks are logged at: the one after training's last.
+def fresh_step(run_id: str) -> int:
+    """A step none of the run's metrics has yet: ONNX models and their checks are logged there.
 
-    MLflow links every metric the run has at a model's step to that model when it is logged.
-    At step 0 (its default) those are the first system metrics and any earlier parity figures;
-    at training's last step, the torch model's figures. The step after it holds neither.
+    MLflow links every metric the run has at a model's step to that model when it is logged:
+    at step 0 (its default) the first system metrics, at training's last step the torch model's
+    figures, at an earlier export's step its parity figures. A fresh step holds none of them,
+    and it makes the latest check the run's latest value. Called after training, when nothing
+    else is logging into the run.
     """
-    return int(get_run(run_id).data.metrics.get("steps", 0)) + 1
+    client = mlflow.MlflowClient()
+    steps = (m.step for key in get_run(run_id).data.metrics for m in client.get_metric_history(run_id, key))
+    return max(steps, default=-1) + 1
 
 
 def log_onnx_model(path: Path, variant: str, input_example: Any, output_example: Any, step: int = 0) -> str:

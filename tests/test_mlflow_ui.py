@@ -127,7 +127,7 @@ def test_each_logged_model_has_its_own_metrics(exported_onnx_uri, use_trained_ru
     torch_model = client.get_logged_model(tracking.model_id_of(run.data.tags[tracking.TORCH_URI_TAG]))
     torch_keys = {m.key for m in torch_model.metrics}
     assert {"test_accuracy", "test_macro_f1", "test_accuracy_shirt"} <= torch_keys
-    assert not [key for key in torch_keys if key.startswith(("parity_", "onnx_", "system/"))]
+    assert not [key for key in torch_keys if key.startswith(("parity_", "onnx_"))]
     evaluated = [m for m in torch_model.metrics if m.key == "test_accuracy" and m.dataset_name]
     assert evaluated and {m.dataset_name for m in evaluated} == {"fashion-mnist-test"}
 
@@ -139,7 +139,8 @@ def test_each_logged_model_has_its_own_metrics(exported_onnx_uri, use_trained_ru
         "onnx_test_accuracy",
     }
     onnx_accuracy = [m.value for m in onnx_model.metrics if m.key == "onnx_test_accuracy"]
-    assert onnx_accuracy == [pytest.approx(run.data.metrics["test_accuracy"])]  # the export's own check only
+    assert len(onnx_accuracy) >= 1  # one per parity check of this very model
+    assert onnx_accuracy == [pytest.approx(run.data.metrics["test_accuracy"])] * len(onnx_accuracy)
 
 
 def test_system_metrics_are_sampled_while_training(use_trained_run):
