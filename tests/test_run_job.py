@@ -14,7 +14,7 @@ def test_one_process_job_logs_every_stage_into_one_run(synthetic_data_dir, track
     assert result.exit_code == 0, result.output
     # Every stage reported, in order, as the separate commands do.
     marks = ["Download skipped", "Trained dnn for 4 steps", "Overall: accuracy", "Parity, torch vs onnxruntime"]
-    positions = [result.output.index(mark) for mark in [*marks, "registered as fashion-dnn v1"]]
+    positions = [result.output.index(mark) for mark in [*marks, "Registered as fashion-dnn v1"]]
     assert positions == sorted(positions)
 
     runs = mlflow.search_runs(search_all_experiments=True)
