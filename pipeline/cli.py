@@ -92,13 +92,26 @@ def download_command(data_dir: Path, source: str | None, timeout: float) -> None
     "--precision",
     type=click.Choice(PRECISIONS),
     default=TrainConfig.precision,
-    help="bf16 runs forward/backward under bfloat16 autocast (weights stay fp32); auto picks bf16 where "
-    "the CPU or GPU computes it natively, else fp32.",
+    help="bf16/fp16 run forward/backward under autocast (weights stay fp32; fp16 with a gradient scaler); "
+    "auto picks bf16 where the CPU or GPU computes it natively, else fp16 on a GPU and fp32 on a CPU.",
 )
 @click.option(
     "--channels-last/--no-channels-last",
     default=TrainConfig.channels_last,
     help="NHWC memory layout for conv layers.",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Train on N local processes with DistributedDataParallel: runs "
+    "`torchrun --nproc-per-node N -m pipeline train ...` with the other options.",
+)
+@click.option(
+    "--per-rank-batch",
+    is_flag=True,
+    help="With several processes, --batch-size is each rank's batch (global batch = N x batch size) "
+    "instead of the global batch split over the ranks.",
 )
 @cli_args.DATA_DIR
 @cli_args.EXPERIMENT
@@ -113,6 +126,8 @@ def train_command(
     log_every: int,
     precision: str,
     channels_last: bool,
+    nproc: int,
+    per_rank_batch: bool,
     data_dir: Path,
     experiment: str | None,
 ) -> None:
@@ -128,9 +143,15 @@ def train_command(
         log_every=log_every,
         precision=precision,
         channels_last=channels_last,
+        per_rank_batch=per_rank_batch,
         data_dir=data_dir,
     )
+    if nproc > 1:
+        jobs.train_distributed(config, nproc, experiment)
+        return
     job = jobs.train_model(config, experiment)
+    if job is None:  # a rank other than 0 under torchrun: rank 0 reports the run
+        return
     m = job.metrics
     click.echo(
         f"Trained {model_name} for {m['steps']} steps in {m['wall_time_s']:.1f} s "

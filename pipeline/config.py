@@ -35,7 +35,7 @@ INPUT_SHAPE: tuple[int, int, int] = (1, 28, 28)
 # torch-free, so Click can offer and check them before torch is imported.
 MODEL_NAMES: tuple[str, ...] = ("dnn", "cnn")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 DATA_DIR_ENV = "PIPELINE_DATA_DIR"
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -82,9 +82,13 @@ class TrainConfig:
     # of conv activations. bf16 runs the forward/backward matmuls and convs under autocast in
     # bfloat16 while weights and the optimizer stay float32; "auto" uses it only where the
     # hardware computes bf16 natively (there it roughly doubles CNN training speed at the same
-    # accuracy), and fp32 elsewhere, where emulated bf16 would be slower.
-    precision: str = "auto"  # auto | fp32 | bf16
+    # accuracy), and fp32 elsewhere, where emulated bf16 would be slower. On a GPU without
+    # bf16, auto picks fp16 autocast with a gradient scaler.
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
+    # Distributed runs (torchrun): batch_size is the global batch, split over the ranks, so the
+    # recipe means the same at any world size; True makes it the batch of each rank instead.
+    per_rank_batch: bool = False
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -96,4 +100,4 @@ class TrainConfig:
         if self.lr <= 0:
             raise PipelineError(f"lr must be positive, got {self.lr}")
         if self.precision not in PRECISIONS:
-            raise PipelineError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+            raise PipelineError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")

@@ -57,17 +57,48 @@ class TrainJob:
     metrics: dict[str, float]
 
 
-def train_model(config: TrainConfig, experiment: str | None = None) -> TrainJob:
-    """Train `config.model` in a new MLflow run: params, metrics per step and epoch, the model."""
+def train_model(config: TrainConfig, experiment: str | None = None) -> TrainJob | None:
+    """Train `config.model` in a new MLflow run: params, metrics per step and epoch, the model.
+
+    Under torchrun only rank 0 records the run; the other ranks train and return None.
+    """
     from pipeline import tracking
+    from pipeline.distributed import World
     from pipeline.progress import ProgressBar
     from pipeline.train import train
 
     quiet_known_warnings()
+    if not World.from_env().is_main:
+        train(config)
+        return None
     with tracking.run(run_name=config.model, experiment=experiment, tags={"stage": "train"}) as active:
         result = train(config, [tracking.MlflowTrainCallback(), ProgressBar()])
         model_uri = tracking.log_torch_model(result.model, result.example_input, result.params["class_names"])
     return TrainJob(active.info.run_id, model_uri, result.metrics)
+
+
+def train_distributed(config: TrainConfig, nproc: int, experiment: str | None = None) -> list[str]:
+    """`pipeline train` on `nproc` local processes through torchrun; returns the command it ran.
+
+    The ranks print to this terminal (rank 0 its run id); a failed rank fails the whole job.
+    """
+    import os
+    import subprocess
+
+    from pipeline.distributed import World, torchrun_command
+
+    if World.from_env().distributed:
+        raise PipelineError("--nproc is for starting torchrun; this process already is one of its ranks")
+    command = torchrun_command(config, nproc, experiment)
+    env = dict(os.environ)
+    # torchrun would set 1 thread per rank (with a warning); share the cores between the ranks instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    returncode = subprocess.run(command, env=env).returncode
+    if returncode != 0:
+        raise PipelineError(
+            f"distributed training failed: torchrun exited with {returncode}; the failing rank's error is above"
+        )
+    return command
 
 
 # ----------------------------------------------------------------- evaluate
