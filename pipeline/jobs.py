@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pipeline.evaluate import Evaluation
     from pipeline.parity import ParityResult, QuantizedCheckResult
     from pipeline.predict import PredictConfig, PredictSummary
+    from pipeline.server import ServerConfig, ServerInfo
 
 
 def quiet_known_warnings() -> None:
@@ -274,6 +275,23 @@ def check_run_parity(run_id: str, onnx_file: Path | None, data_dir: Path) -> Par
     with tracking.run(run_id=run_id):
         tracking.log_check(result, "parity.json", "parity")
     return result
+
+
+# ----------------------------------------------------------------- server
+
+
+def start_tracking_server(config: ServerConfig) -> ServerInfo:
+    """`mlflow server` in the background over sqlite or the folder's own PostgreSQL; waits until it answers."""
+    from pipeline.server import start_server
+
+    return start_server(config)
+
+
+def stop_tracking_server(folder: Path) -> list[str]:
+    """Stop the folder's server and its PostgreSQL; what was stopped, for the CLI to list."""
+    from pipeline.server import stop_server
+
+    return stop_server(folder)
 
 
 # ----------------------------------------------------------------- bench

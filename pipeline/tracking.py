@@ -49,11 +49,96 @@ def experiment_name(experiment: str | None = None) -> str:
     return experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
 
 
+# MLflow retries a failed HTTP request 7 times with growing back-off (minutes in all) and waits
+# 120 s for each answer: made for rate-limited cloud services. For a CLI whose team server is
+# down that is minutes of silence, so a server URI gets these unless the user set them.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",  # with back-off 1: retries at once, then after ~2 s
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",  # seconds of silence per request, not a cap on uploads
+}
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
 def connect() -> str:
     """Point mlflow at the store only, for commands that read runs (no experiment is created)."""
     uri = tracking_uri()
+    prepare_server(uri)
     mlflow.set_tracking_uri(uri)
     return uri
+
+
+def prepare_server(uri: str) -> None:
+    """For a tracking server: retry settings for a CLI, then one cheap request, so a wrong port or a
+    missing login fails here in seconds with one line, not in minutes with a traceback.
+    """
+    if not is_server(uri):
+        return
+    import requests
+
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    auth = (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None
+    try:
+        answer = requests.get(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+            params={"max_results": 1},
+            auth=auth,
+            timeout=min(float(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]), 10.0),
+        )
+    except requests.RequestException as exc:
+        raise PipelineError(
+            f"cannot reach the MLflow tracking server at {uri} ({_reason(exc)}); is it running (`make server`)? "
+            "Or unset MLFLOW_TRACKING_URI for the local store"
+        ) from None
+    if answer.status_code == 401:
+        refused = " refused the login given" if auth else " asks for a login"
+        raise PipelineError(
+            f"the MLflow tracking server at {uri}{refused}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+
+
+def _server_failure(exc: BaseException) -> BaseException | None:
+    """The requests error behind an MLflow error, if it came from not reaching the server at all.
+
+    That covers refused and reset connections, timeouts and 5xx answers left after the
+    retries; an HTTP error the server chose to send (404, 401, ...) is not one.
+    """
+    import requests
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, requests.RequestException):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    for needle, reason in (
+        ("Connection refused", "connection refused"),
+        ("RemoteDisconnected", "connection closed"),
+        ("Connection aborted", "connection closed"),
+        ("Connection reset", "connection reset"),
+        ("timed out", "timed out"),
+        ("too many 5", "it answers with server errors"),
+    ):
+        if needle in text:
+            return reason
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def server_lost(run_id: str, failure: BaseException, marked: bool) -> PipelineError:
+    state = "it is marked FAILED" if marked else "it stays RUNNING there, as the server could not be told"
+    return PipelineError(
+        f"lost the MLflow tracking server at {tracking_uri()} during run {run_id} ({_reason(failure)}); {state}"
+    )
 
 
 def configure(experiment: str | None = None) -> str:
@@ -61,7 +146,7 @@ def configure(experiment: str | None = None) -> str:
     uri = tracking_uri()
     if uri == default_tracking_uri():
         store_dir().mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
+    connect()
     if os.environ.get("MLFLOW_RUN_ID"):  # inside `mlflow run`: its run already has an experiment
         return uri
     name = experiment_name(experiment)
@@ -90,21 +175,36 @@ def run(
     active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
     try:
         yield active
-    except KeyboardInterrupt:
-        mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
-        raise
-    except BaseException:
-        mlflow.end_run(RunStatus.to_string(RunStatus.FAILED))
+    except BaseException as exc:
+        status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
+        lost = _server_failure(exc)
+        try:
+            mlflow.end_run(RunStatus.to_string(status))
+        except mlflow.exceptions.MlflowException as end_exc:
+            if lost is None and _server_failure(end_exc) is None:
+                raise
+            raise server_lost(active.info.run_id, lost or end_exc, marked=False) from None
+        if lost is not None:
+            raise server_lost(active.info.run_id, lost, marked=True) from None
         raise
     else:
-        mlflow.end_run()
+        try:
+            mlflow.end_run()
+        except mlflow.exceptions.MlflowException as exc:
+            if _server_failure(exc) is None:
+                raise
+            raise server_lost(active.info.run_id, exc, marked=False) from None
 
 
 def get_run(run_id: str) -> Any:
     """The run with this id, or a PipelineError that says where to find run ids."""
     try:
         return mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as exc:
+        if (failure := _server_failure(exc)) is not None:
+            raise PipelineError(
+                f"cannot reach the MLflow tracking server at {tracking_uri()} ({_reason(failure)})"
+            ) from None
         raise PipelineError(
             f"no run {run_id!r} in the tracking store {tracking_uri()}; list runs with `make ui` or `pipeline compare`"
         ) from None
