@@ -4,6 +4,10 @@ Fixes over listings 5-8/5-11: batches are shuffled; the data is decoded once int
 and batches are index slices (no per-sample PIL/ToTensor); evaluation runs once per epoch
 in eval() mode without gradients. `train` returns its metrics and reports progress through
 callbacks, so it runs the same with MLflow on, off, or pointed at a temporary store.
+
+A model's own recipe (config.RECIPES) may add an optimizer and schedule (optim.py), label
+smoothing, batch augmentation (augment.py) and a validation split: the last `val_size`
+training images, evaluated every epoch beside (or, in tuning, instead of) the test set.
 """
 
 from __future__ import annotations
@@ -20,21 +24,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import hardware
+from pipeline.augment import augment_batch
 from pipeline.callbacks import TrainCallback
 from pipeline.config import CLASS_NAMES, TrainConfig
 from pipeline.data import check_known, load_split
 from pipeline.errors import PipelineError
 from pipeline.evaluate import compute_logits, images_to_tensor, loss_and_accuracy
 from pipeline.models import build_model, count_parameters, model_class
+from pipeline.optim import DISPLAY_NAMES, build_optimizer, build_schedule
 
 
 @dataclass
 class TrainResult:
     model: nn.Module
     params: dict[str, Any]
-    metrics: dict[str, float]  # final: test_accuracy, test_loss, train_loss, wall_time_s, ...
+    metrics: dict[str, float]  # final: test_accuracy, test_loss, [val_...], train_loss, wall_time_s, ...
     history: list[dict[str, float]]  # one row per evaluation (epoch end, or max-steps end)
-    example_input: np.ndarray  # two test images, float32 (2, 1, 28, 28): for model signatures
+    example_input: np.ndarray  # two test (else validation) images, float32 (2, 1, 28, 28): for model signatures
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -83,11 +89,15 @@ class Trainer:
     shuffle: torch.Generator  # draws each epoch's order; seeded, so a run repeats exactly
     train_x: torch.Tensor
     train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    test_x: torch.Tensor | None  # None when config.test_eval is "never": the test set is not even loaded
+    test_y: torch.Tensor | None
     steps_per_epoch: int
     total_steps: int
     params: dict[str, Any]
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+    augment: torch.Generator | None = None  # draws crops and flips, apart from `shuffle`
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
     step: int = 0
     epoch: int = 0
     images_seen: int = 0
@@ -104,24 +114,34 @@ def setup(config: TrainConfig) -> Trainer:
     device = resolve_device(config.device)
     model_class(config.model)  # fail on a bad name before loading data
     train_split = load_split(config.data_dir, "train")
-    test_split = load_split(config.data_dir, "test")
+    if config.val_size >= len(train_split):
+        raise PipelineError(
+            f"val_size {config.val_size:,} leaves no training images (the training split has {len(train_split):,})"
+        )
+    # Only the test set's own final figure may see it: inside a tuning trial it is not loaded.
+    test_split = load_split(config.data_dir, "test") if config.test_eval != "never" else None
     if not config.allow_other_data:
         check_known(train_split, config.data_dir)
-        check_known(test_split, config.data_dir)
+        if test_split is not None:
+            check_known(test_split, config.data_dir)
+    digests = {**train_split.digests, **(test_split.digests if test_split else {})}
 
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
-    # fused: one kernel for the whole Adam update instead of a few per parameter tensor.
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+    optimizer = build_optimizer(config, model.parameters())
     precision = resolve_precision(config.precision, device)
 
-    # Decoded once; every batch is an index into these tensors.
-    train_x = images_to_tensor(train_split.images, device)
-    train_y = torch.from_numpy(train_split.labels).to(device)
-    test_x = images_to_tensor(test_split.images, device)
-    test_y = torch.from_numpy(test_split.labels).to(device)
+    # Decoded once; every batch is an index into these tensors. The validation images are the
+    # LAST val_size of the training file, so a split is the same whatever the seed.
+    fit = len(train_split) - config.val_size
+    train_x = images_to_tensor(train_split.images[:fit], device)
+    train_y = torch.from_numpy(train_split.labels[:fit]).to(device)
+    val_x = images_to_tensor(train_split.images[fit:], device) if config.val_size else None
+    val_y = torch.from_numpy(train_split.labels[fit:]).to(device) if config.val_size else None
+    test_x = images_to_tensor(test_split.images, device) if test_split else None
+    test_y = torch.from_numpy(test_split.labels).to(device) if test_split else None
 
     steps_per_epoch = -(-len(train_y) // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
@@ -131,17 +151,17 @@ def setup(config: TrainConfig) -> Trainer:
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "device": str(device),
         "precision": precision,
-        "optimizer": "Adam",
+        "optimizer": DISPLAY_NAMES[config.optimizer],
         "loss": "cross_entropy",
         "num_parameters": count_parameters(model),
         "train_size": len(train_y),
-        "test_size": len(test_y),
+        "test_size": len(test_y) if test_y is not None else 0,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "num_threads": torch.get_num_threads(),
         "class_names": list(CLASS_NAMES),
         **library_versions(),
-        **{f"sha256_{name}": digest for name, digest in {**train_split.digests, **test_split.digests}.items()},
+        **{f"sha256_{name}": digest for name, digest in digests.items()},
     }
     return Trainer(
         config=config,
@@ -158,11 +178,17 @@ def setup(config: TrainConfig) -> Trainer:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         params=params,
+        schedule=build_schedule(config, optimizer, total_steps),
+        # Its own stream, seeded apart from the shuffle's, so turning augmentation on or off
+        # leaves the batch order of a seed unchanged.
+        augment=torch.Generator().manual_seed(config.seed + 1) if config.crop_pad or config.hflip else None,
+        val_x=val_x,
+        val_y=val_y,
     )
 
 
 def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, float]:
-    """One epoch (or what is left of max_steps), then one evaluation on the test set; returns its metrics."""
+    """One epoch (or what is left of max_steps), then the evaluations (validation, test) it calls for."""
     config, model = t.config, t.model
     t.epoch += 1
     model.train()
@@ -173,12 +199,17 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
     tick = time.perf_counter()
     for index in shuffled_batches(len(t.train_y), config.batch_size, t.shuffle, steps_this_epoch):
         index = index.to(t.device)
+        images = t.train_x[index]
+        if t.augment is not None:
+            images = augment_batch(images, config.crop_pad, config.hflip, t.augment)
         with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
-            logits = model(t.train_x[index].contiguous(memory_format=t.layout))
-        loss = F.cross_entropy(logits.float(), t.train_y[index])
+            logits = model(images.contiguous(memory_format=t.layout))
+        loss = F.cross_entropy(logits.float(), t.train_y[index], label_smoothing=config.label_smoothing)
         t.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         t.optimizer.step()
+        if t.schedule is not None:
+            t.schedule.step()
         t.step += 1
         t.images_seen += len(index)
         loss_value = loss.item()
@@ -198,10 +229,11 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
             window_loss, window_steps = 0.0, 0
     t.train_seconds += time.perf_counter() - tick
 
-    metrics = {
-        "train_loss": epoch_loss / steps_this_epoch,
-        **loss_and_accuracy(compute_logits(model, t.test_x, config.eval_batch_size), t.test_y),
-    }
+    metrics = {"train_loss": epoch_loss / steps_this_epoch}
+    if t.val_x is not None:
+        metrics.update(loss_and_accuracy(compute_logits(model, t.val_x, config.eval_batch_size), t.val_y, "val"))
+    if config.test_eval == "epoch" or (config.test_eval == "end" and t.done):
+        metrics.update(loss_and_accuracy(compute_logits(model, t.test_x, config.eval_batch_size), t.test_y))
     t.history.append({"epoch": t.epoch, "step": t.step, **metrics})
     for cb in callbacks:
         cb.on_epoch_end(t.epoch, t.step, metrics)
@@ -229,7 +261,7 @@ def fit(t: Trainer, callbacks: list[TrainCallback] = ()) -> TrainResult:
         "train_time_s": t.train_seconds,
         "train_images_per_s": t.images_seen / t.train_seconds if t.train_seconds else 0.0,
     }
-    example = t.test_x[:2].cpu().numpy()
+    example = next(x for x in (t.test_x, t.val_x, t.train_x) if x is not None)[:2].cpu().numpy()
     result = TrainResult(model=t.model, params=t.params, metrics=final, history=t.history, example_input=example)
     for cb in callbacks:
         cb.on_train_end(result)
