@@ -11,7 +11,16 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import DATA_DIR_ENV, MODEL_NAMES, SEED_RANGE, default_data_dir
+from pipeline.config import (
+    DATA_DIR_ENV,
+    MODEL_NAMES,
+    OPTIMIZERS,
+    RECIPES,
+    SCHEDULES,
+    SEED_RANGE,
+    TrainConfig,
+    default_data_dir,
+)
 
 
 class PositiveFloat(click.types.FloatParamType):
@@ -27,6 +36,30 @@ class PositiveFloat(click.types.FloatParamType):
 
 
 POSITIVE_FLOAT = PositiveFloat()
+
+
+class Duration(click.ParamType):
+    """Seconds, or a number with a unit: 90, 90s, 30m, 1.5h."""
+
+    name = "duration"
+    UNITS = {"s": 1, "m": 60, "h": 3600}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            seconds = float(value)
+        else:
+            text = str(value).strip().lower()
+            scale = self.UNITS.get(text[-1:], None)
+            try:
+                seconds = float(text[:-1] if scale else text) * (scale or 1)
+            except ValueError:
+                self.fail(f"{value!r} is not a duration such as 90s, 30m or 2h.", param, ctx)
+        if not (math.isfinite(seconds) and seconds > 0):
+            self.fail(f"{value!r} is not a positive duration.", param, ctx)
+        return seconds
+
+
+DURATION = Duration()
 SEED = click.IntRange(*SEED_RANGE)
 
 DATA_DIR = click.option(
@@ -49,7 +82,7 @@ MODEL = click.option(
     "model_name",
     type=click.Choice(MODEL_NAMES),
     default="cnn",
-    help="Model to train: dnn or cnn (the chapter's).",
+    help="Model to train: dnn or cnn (the chapter's), or cnn_plus (faster to 93 %, with its own recipe).",
 )
 
 
@@ -62,3 +95,80 @@ def run_id(what: str, required: bool = True):
         required=required,
         help=f"MLflow run id {what}. Inside `mlflow run` it defaults to that run.",
     )
+
+
+def _recipe_value(ctx: click.Context, param: click.Parameter, value):
+    # Left out means "not set", whatever default --help shows: the model's recipe then decides.
+    return None if ctx.get_parameter_source(param.name) is click.core.ParameterSource.DEFAULT else value
+
+
+def _recipe_option(flag: str, field: str, help: str, **kwargs):
+    """A training setting a model's recipe may set: the chapter's value (TrainConfig's) is the
+    default shown; left out, it arrives as None, so the recipe (listed in the help) applies."""
+    differ = ", ".join(f"{model} {recipe[field]}" for model, recipe in RECIPES.items() if field in recipe)
+    return click.option(
+        flag,
+        field,
+        default=getattr(TrainConfig, field),
+        callback=_recipe_value,
+        help=help + (f" Recipes: {differ}." if differ else ""),
+        **kwargs,
+    )
+
+
+# train's training settings beyond the run's plumbing. Each applies to every model; without
+# the option, the model's recipe (pipeline.config.RECIPES) decides, else the chapter's value.
+RECIPE_OPTIONS = (
+    _recipe_option("--epochs", "epochs", "Passes over the training images.", type=int),
+    _recipe_option("--batch-size", "batch_size", "Images per optimizer step.", type=int),
+    _recipe_option("--lr", "lr", "Learning rate (with onecycle: the peak).", type=POSITIVE_FLOAT),
+    _recipe_option(
+        "--optimizer",
+        "optimizer",
+        "adamw: decoupled weight decay; sgd: Nesterov momentum 0.9.",
+        type=click.Choice(OPTIMIZERS),
+    ),
+    _recipe_option("--weight-decay", "weight_decay", "Weight decay.", type=click.FloatRange(min=0)),
+    _recipe_option(
+        "--schedule",
+        "schedule",
+        "onecycle: rise to --lr over the first quarter of the steps, then a cosine anneal.",
+        type=click.Choice(SCHEDULES),
+    ),
+    _recipe_option(
+        "--label-smoothing",
+        "label_smoothing",
+        "Cross-entropy label smoothing.",
+        type=click.FloatRange(0, 1, max_open=True),
+    ),
+    _recipe_option(
+        "--crop-pad",
+        "crop_pad",
+        "Augmentation: shift each training image by up to N pixels (random crop of the zero-padded image); 0 is off.",
+        type=click.IntRange(min=0),
+    ),
+    _recipe_option("--hflip/--no-hflip", "hflip", "Augmentation: mirror half the training images left-right."),
+)
+
+
+def recipe_options(command):
+    """Apply RECIPE_OPTIONS to a command; they arrive as keyword arguments named after TrainConfig fields."""
+    for option in reversed(RECIPE_OPTIONS):
+        command = option(command)
+    return command
+
+
+VAL_SIZE = click.option(
+    "--val-size",
+    type=click.IntRange(min=0),
+    default=TrainConfig.val_size,
+    help="Hold out the LAST N training images as a validation split, evaluated every epoch beside the test "
+    "set (val_accuracy, val_loss). 0 trains on all 60,000.",
+)
+
+ALLOW_OTHER_DATA = click.option(
+    "--allow-other-data",
+    is_flag=True,
+    help="Train on data files whose SHA-256 differs from Fashion-MNIST's (your own data in the same "
+    "IDX format); without it they are refused before training.",
+)

@@ -43,6 +43,7 @@ SCHEDULES: tuple[str, ...] = ("constant", "onecycle")
 # When the test set is evaluated: every epoch (train's default), once at the end (the final figure
 # of a tuned configuration), or never (inside a tuning trial, where only validation may decide).
 TEST_EVALS: tuple[str, ...] = ("epoch", "end", "never")
+PRUNERS: tuple[str, ...] = ("median", "halving", "none")  # `pipeline tune --pruner`
 
 # Seeds every tool accepts (numpy's legacy seeding stops at 2**32 - 1); Click checks the option.
 SEED_RANGE: tuple[int, int] = (0, 2**32 - 1)

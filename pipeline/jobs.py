@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from pipeline.evaluate import Evaluation
     from pipeline.parity import ParityResult, QuantizedCheckResult
     from pipeline.predict import PredictConfig, PredictSummary
+    from pipeline.tune import StudyResult, TuneConfig
 
 
 def quiet_known_warnings() -> None:
@@ -71,6 +72,60 @@ def train_model(config: TrainConfig, experiment: str | None = None) -> TrainJob:
         result = fit(trainer, [tracking.MlflowTrainCallback(), ProgressBar()])
         model_uri = tracking.log_torch_model(result.model, result.example_input, result.params["class_names"])
     return TrainJob(active.info.run_id, model_uri, result.metrics)
+
+
+# ----------------------------------------------------------------- tune
+
+
+@dataclass
+class TuneJob:
+    result: StudyResult
+    parent_run_id: str
+    retrained: TrainJob | None = None  # --retrain-best: the best settings on the full training set
+
+
+def tune_model(
+    config: TuneConfig,
+    experiment: str | None = None,
+    retrain_best: bool = False,
+    progress: Callable[[str], Any] = lambda message: None,
+) -> TuneJob:
+    """An Optuna study on the validation split, tracked as one parent run with a nested run per trial.
+
+    The parent run's id is kept in the study, so a resumed study and parallel workers log into
+    the same parent. With `retrain_best`, the best trial's settings train on all training images
+    in one more nested run, whose test accuracy is the only test figure the search produces.
+    """
+    from pipeline import tracking, tune
+    from pipeline.progress import ProgressBar
+    from pipeline.train import fit, setup
+
+    quiet_known_warnings()
+    tracking.connect()
+    config.storage = config.storage or tracking.default_optuna_storage()
+    study = tune.open_study(config)
+    parent_id = study.user_attrs.get(tune.PARENT_RUN_ATTR)
+    tags = {"stage": tracking.STUDY_STAGE, "study": config.study_name}
+    with tracking.run(run_id=parent_id, run_name=f"tune {config.study_name}", experiment=experiment, tags=tags) as run:
+        if parent_id is None:
+            study.set_user_attr(tune.PARENT_RUN_ATTR, run.info.run_id)
+        progress(f"Study {config.study_name!r} in {tune.safe_url(config.storage)}: {len(study.trials)} trials so far.")
+        tune.optimize(study, config, [tracking.MlflowTrialObserver(), tune.ProgressLines(progress)])
+        result = tune.summarize(study, config)
+        tracking.log_study(tune.study_settings(config), result)
+        job = TuneJob(result, run.info.run_id)
+        if retrain_best:
+            progress(f"Retraining trial {result.best_number}'s settings on the full training set.")
+            trainer = setup(tune.retrain_config(config, result.best_params))
+            run_tags = {"stage": "train", "study": config.study_name, "trial": str(result.best_number)}
+            with tracking.child_run(f"{config.model} best of {config.study_name}", tags=run_tags) as child:
+                trained = fit(trainer, [tracking.MlflowTrainCallback(), ProgressBar()])
+                model_uri = tracking.log_torch_model(
+                    trained.model, trained.example_input, trained.params["class_names"]
+                )
+            job.retrained = TrainJob(child.info.run_id, model_uri, trained.metrics)
+            tracking.log_metrics({"retrained_test_accuracy": trained.metrics["test_accuracy"]})
+    return job
 
 
 # ----------------------------------------------------------------- evaluate

@@ -6,6 +6,7 @@ runs that ask for nothing else repeat as before.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -27,13 +28,26 @@ def build_optimizer(config: TrainConfig, parameters: Iterable[torch.nn.Parameter
     )
 
 
+START, END = 1 / 25, 1e-4  # of the peak lr: OneCycleLR's 1/div_factor and 1/(div_factor * final_div_factor)
+
+
+def one_cycle(step: int, total_steps: int, warmup_fraction: float) -> float:
+    """The one-cycle multiplier of the peak lr at `step`: a linear rise from 1/25 over the warm-up,
+    then a cosine anneal to 1/10,000 at the last step (the shape of torch's OneCycleLR, which
+    divides by zero on schedules of a few steps)."""
+    warmup = max(1, round(warmup_fraction * total_steps))
+    if step < warmup:
+        return START + (1 - START) * step / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return END + (1 - END) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 def build_schedule(
     config: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """None for a constant lr; onecycle rises to `lr` over warmup_fraction of the steps, then anneals
-    (cosine) to lr/10,000, cycling momentum (Adam's beta1) inversely between 0.85 and 0.95."""
+    """None for a constant lr; onecycle is stepped once per optimizer step (see `one_cycle`)."""
     if config.schedule == "constant":
         return None
-    return torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.lr, total_steps=max(total_steps, 1), pct_start=config.warmup_fraction
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: one_cycle(step, total_steps, config.warmup_fraction)
     )

@@ -21,14 +21,18 @@ import mlflow
 from mlflow.entities import RunStatus
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.callbacks import TrainCallback
+from pipeline.callbacks import TrainCallback, TrialObserver
 from pipeline.config import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, project_root
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     from pipeline.train import TrainResult
+    from pipeline.tune import StudyResult
 
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
+# Stage tags of `pipeline tune`'s runs: the study's parent run and each trial's. Both record a
+# model name, but neither holds a trained model.
+STUDY_STAGE, TRIAL_STAGE = "tune", "tune-trial"
 MODEL_NAME = "model"  # the name of the torch model logged with mlflow.pytorch.log_model
 
 
@@ -162,8 +166,23 @@ def run(
         # start_run refuses to resume a run outside the active experiment, so follow the run.
         mlflow.set_experiment(experiment_id=get_run(run_id).info.experiment_id)
     active = mlflow.start_run(run_id=run_id, run_name=run_name, tags=tags)
-    try:
+    with _ended_by_outcome():
         yield active
+
+
+@contextmanager
+def child_run(run_name: str, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run nested in the active one (a tuning trial's, a retrained model's); ends as `run` does."""
+    active = mlflow.start_run(run_name=run_name, nested=True, tags=tags)
+    with _ended_by_outcome():
+        yield active
+
+
+@contextmanager
+def _ended_by_outcome() -> Iterator[None]:
+    """End the active run FINISHED, FAILED (error) or KILLED (Ctrl-C), never RUNNING."""
+    try:
+        yield
     except KeyboardInterrupt:
         mlflow.end_run(RunStatus.to_string(RunStatus.KILLED))
         raise
@@ -377,8 +396,12 @@ def latest_finished_run(model_name: str, experiment: str | None = None) -> str |
         experiment_names=[experiment_name(experiment)],
         filter_string=f"params.model = '{model_name}' AND attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=100,
     )
+    # Not a tuning study or trial: they name the model but keep no checkpoint. (A filter
+    # `tags.stage != ...` would also drop every run without the tag.)
+    if "tags.stage" in found:
+        found = found[~found["tags.stage"].isin((STUDY_STAGE, TRIAL_STAGE))]
     return None if found.empty else str(found.iloc[0]["run_id"])
 
 
@@ -411,11 +434,68 @@ class MlflowTrainCallback(TrainCallback):
 
     def on_train_end(self, result: TrainResult) -> None:
         log_metrics(
-            {k: v for k, v in result.metrics.items() if k not in ("test_accuracy", "test_loss")},
+            # Evaluation metrics were logged at their epoch's step already.
+            {k: v for k, v in result.metrics.items() if not k.startswith(("test_", "val_"))},
             step=result.metrics["steps"],
         )
         mlflow.log_dict(result.params["class_names"], "class_names.json")
         mlflow.log_dict(result.history, "history.json")
+
+
+# ----------------------------------------------------------------- hyperparameter search (pipeline tune)
+
+# How a trial's state ends its run: a pruned trial ran as asked until the pruner stopped it.
+TRIAL_RUN_STATUS = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+
+def default_optuna_storage() -> str:
+    """Optuna's sqlite database beside the tracking store's (the project's mlruns/ by default)."""
+    path = sqlite_path(tracking_uri())
+    folder = path.parent if path else store_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+class MlflowTrialObserver(TrialObserver):
+    """One run per trial, nested in the active (study) run: its params, per-epoch metrics and state."""
+
+    def trial_started(self, number: int, params: dict[str, Any]) -> list[TrainCallback]:
+        mlflow.start_run(run_name=f"trial-{number}", nested=True, tags={"stage": TRIAL_STAGE, "trial": str(number)})
+        return [MlflowTrainCallback()]
+
+    def trial_finished(self, number: int, state: str, value: float | None, metrics: dict[str, float]) -> None:
+        mlflow.set_tag("trial_state", state)
+        mlflow.end_run(TRIAL_RUN_STATUS[state])
+
+
+def log_study(settings: dict[str, Any], result: StudyResult) -> None:
+    """A study into the active (parent) run: its settings, the best trial, the trials table and Optuna's plots.
+
+    A resumed study logs again: the best values are metrics at step = trials so far, so their
+    history shows the search improving; the best params are tags and best_params.json, replaced.
+    """
+    import matplotlib.pyplot as plt
+
+    log_params({k: v for k, v in settings.items() if k != "search_space"})
+    mlflow.log_dict(settings.get("search_space", {}), "optuna/search_space.json")
+    step = sum(result.counts.values())
+    log_metrics(
+        {
+            "best_val_accuracy": result.best_value,
+            "best_trial": result.best_number,
+            **{f"trials_{state}": count for state, count in result.counts.items()},
+        },
+        step=step,
+    )
+    mlflow.set_tags({f"best.{name}": str(value) for name, value in result.best_params.items()})
+    mlflow.log_dict(
+        {"trial": result.best_number, "val_accuracy": result.best_value, "params": result.best_params},
+        "optuna/best_params.json",
+    )
+    for name, figure in result.figures.items():
+        mlflow.log_figure(figure, f"optuna/{name}.png")
+        plt.close(figure)
+    log_table(result.trials, "optuna/trials.json")
 
 
 # ----------------------------------------------------------------- ONNX export helpers
