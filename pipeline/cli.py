@@ -97,9 +97,22 @@ def _echo_download(report, data_dir: Path) -> None:
     help="Continue a KILLED, FAILED or stale RUNNING run from its last checkpoint, in the same run, with "
     "its own settings (only --data-dir may be given).  [default: none]",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Train on N local processes with DistributedDataParallel: runs "
+    "`torchrun --nproc-per-node N -m pipeline train ...` with the other options.",
+)
+@click.option(
+    "--per-rank-batch",
+    is_flag=True,
+    help="With several processes, --batch-size is each rank's batch (global batch = N x batch size) "
+    "instead of the global batch split over the ranks.",
+)
 @cli_args.REUSE
 @cli_args.EXPERIMENT
-def train_command(resume: str | None, reuse: bool, experiment: str | None, **settings) -> None:
+def train_command(resume: str | None, nproc: int, reuse: bool, experiment: str | None, **settings) -> None:
     """Train a model and record params, metrics, checkpoints and the model in MLflow."""
     if resume:
         ctx, typed_in = click.get_current_context(), click.core.ParameterSource.COMMANDLINE
@@ -113,7 +126,14 @@ def train_command(resume: str | None, reuse: bool, experiment: str | None, **set
         _echo_trained(job)
         return
     config = cli_args.train_config(**settings)
-    _echo_trained(jobs.train_model(config, experiment, reuse))
+    if nproc > 1:
+        if reuse:
+            raise PipelineError("--reuse is for one process; drop it or --nproc")
+        jobs.train_distributed(config, nproc, experiment)
+        return
+    job = jobs.train_model(config, experiment, reuse)
+    if job is not None:  # None: a rank other than 0 under torchrun; rank 0 reports the run
+        _echo_trained(job)
 
 
 def _echo_trained(job: jobs.TrainJob) -> None:
