@@ -15,6 +15,7 @@ import click
 from pipeline import cli_args, jobs
 from pipeline.config import DOWNLOAD_TIMEOUT_S, HEARTBEAT_INTERVAL_S, STALE_AFTER_S, TrainConfig
 from pipeline.errors import PipelineError
+from pipeline.server import DATABASES, ServerConfig, default_folder
 from pipeline.signals import Terminated, sigterm_raises
 
 
@@ -520,6 +521,60 @@ def bench_command(
     job = jobs.run_bench(quick, run_id, steps, full_job, output_dir, data_dir, max_cpu_isa, progress=echo_err)
     click.echo(job.report)
     click.echo(f"Wrote {job.written[0]} and {job.written[1]}; logged to experiment 'benchmarks'.")
+
+
+@cli.group("server")
+def server_group() -> None:
+    """A tracking server for a team: `mlflow server` over sqlite or PostgreSQL (`make server`)."""
+
+
+@server_group.command("start")
+@click.option(
+    "--db",
+    type=click.Choice(DATABASES),
+    default=ServerConfig.db,
+    help="sqlite: the project store (mlruns/mlflow.db); postgresql: a cluster of its own in FOLDER/postgresql.",
+)
+@click.option("--host", default=ServerConfig.host, help="Interface to listen on; 0.0.0.0 for the whole network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=ServerConfig.port, help="Port to listen on.")
+@click.option("--workers", type=click.IntRange(min=1), default=ServerConfig.workers, help="Server processes.")
+@click.option(
+    "--basic-auth",
+    is_flag=True,
+    help="MLflow's own login (--app-name basic-auth). The first start needs MLFLOW_AUTH_ADMIN_PASSWORD.",
+)
+@click.option(
+    "--folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_folder,
+    show_default=".server/ at the project root",
+    help="Pid file, logs, the PostgreSQL cluster and its artifacts.",
+)
+def server_start_command(db: str, host: str, port: int, workers: int, basic_auth: bool, folder: Path) -> None:
+    """Start the server in the background and wait until it answers."""
+    config = ServerConfig(
+        db=db, host=host, port=port, workers=workers, folder=folder, app_name="basic-auth" if basic_auth else None
+    )
+    info = jobs.start_tracking_server(config)
+    state = "already running" if info.already_running else "started"
+    click.echo(f"MLflow tracking server {state} at {info.url} (pid {info.pid}, {info.db}; log {info.log})")
+    click.echo(f"Backend store: {info.backend_store_uri}")
+    click.echo(f"Artifacts:     {info.artifacts_destination} (proxied by the server)")
+    click.echo(f"Use it:        export MLFLOW_TRACKING_URI={info.url}")
+
+
+@server_group.command("stop")
+@click.option(
+    "--folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_folder,
+    show_default=".server/ at the project root",
+    help="The folder `server start` used.",
+)
+def server_stop_command(folder: Path) -> None:
+    """Stop the server and its PostgreSQL."""
+    stopped = jobs.stop_tracking_server(folder)
+    click.echo("\n".join(f"Stopped {what}." for what in stopped) or "Nothing was running.")
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pipeline.parity import ParityResult, QuantizedCheckResult
     from pipeline.predict import PredictConfig, PredictSummary
     from pipeline.registry import Promotion, Registration
+    from pipeline.server import ServerConfig, ServerInfo
 
 
 def quiet_known_warnings() -> None:
@@ -510,6 +511,23 @@ def ui_links(experiment: str | None, host: str, port: int) -> UiLinks:
     from pipeline import tracking
 
     return UiLinks(tracking.experiment_name(experiment), *tracking.ui_links(experiment, f"http://{host}:{port}"))
+
+
+# ----------------------------------------------------------------- server
+
+
+def start_tracking_server(config: ServerConfig) -> ServerInfo:
+    """`mlflow server` in the background over sqlite or the folder's own PostgreSQL; waits until it answers."""
+    from pipeline.server import start_server
+
+    return start_server(config)
+
+
+def stop_tracking_server(folder: Path) -> list[str]:
+    """Stop the folder's server and its PostgreSQL; what was stopped, for the CLI to list."""
+    from pipeline.server import stop_server
+
+    return stop_server(folder)
 
 
 # ----------------------------------------------------------------- bench
