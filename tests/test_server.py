@@ -273,3 +273,23 @@ def test_a_server_that_goes_away_mid_run_fails_it_clearly_and_comes_back(on_serv
     )
     assert client.get_run(again.split("Run id:")[1].split()[0]).info.status == "FINISHED"
     assert len(client.search_runs([client.get_experiment_by_name("faults").experiment_id])) == 2
+
+
+def test_a_server_failure_that_still_lets_the_run_be_told_marks_it_failed(tracking_store):
+    """E.g. the server answers, but only with errors from its artifact store: the status still gets there."""
+    import requests
+
+    with pytest.raises(PipelineError, match="it is marked FAILED") as raised:
+        with tracking.run(run_name="upload") as active:
+            try:
+                raise requests.exceptions.RetryError("too many 500 error responses")
+            except requests.RequestException as exc:
+                raise mlflow.exceptions.MlflowException(f"API request failed with exception {exc}") from exc
+    assert "lost the MLflow tracking server" in str(raised.value) and "(it answers with server errors)" in str(
+        raised.value
+    )
+    assert mlflow.get_run(active.info.run_id).info.status == "FAILED"
+    with pytest.raises(ValueError):  # anything else passes through untouched, run FAILED as before
+        with tracking.run(run_name="bug") as other:
+            raise ValueError("a bug")
+    assert mlflow.get_run(other.info.run_id).info.status == "FAILED"
