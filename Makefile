@@ -61,7 +61,7 @@ screenshots: setup
 # AUTH=1 puts MLflow's basic-auth login in front (the first start needs MLFLOW_AUTH_ADMIN_PASSWORD).
 DB             ?= sqlite
 SERVER_HOST    ?= 127.0.0.1
-SERVER_PORT    ?= 5001
+SERVER_PORT    ?= 5050
 SERVER_WORKERS ?= 4
 
 server: setup $(if $(filter postgresql,$(DB)),postgresql)

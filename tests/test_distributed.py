@@ -183,3 +183,7 @@ def test_a_rank_that_dies_stops_the_others_with_an_error(synthetic_data_dir, tmp
     assert stopped_after < 30  # torchrun noticed and ended rank 0; nothing waited for a timeout
     assert "rank      : 1" in stderr and "SIGKILL" in stderr  # torchrun names the rank that failed
     assert stderr.strip().splitlines()[-1].startswith("Error: distributed training failed: torchrun exited with")
+    # Rank 0 either hit the lost peer in a collective (FAILED) or got torchrun's SIGTERM, which stops
+    # a run like Ctrl-C (KILLED): either way its run is closed, not left RUNNING.
+    (run,) = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
+    assert run.info.status in ("FAILED", "KILLED")
