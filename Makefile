@@ -15,7 +15,7 @@ export MLFLOW_TRACKING_URI    ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
 export MLFLOW_EXPERIMENT_NAME ?= fashion-mnist
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test ui screenshots lint bench bench-quick clean distclean
+.PHONY: setup run test ui screenshots server server-stop postgresql lint bench bench-quick clean distclean
 
 setup: $(STAMP) $(DATA)
 
@@ -38,7 +38,8 @@ run: setup
 	$(BIN)/mlflow run . -P model=$(MODEL) -P register=$(REGISTER) --env-manager local \
 	  --experiment-name $(MLFLOW_EXPERIMENT_NAME)
 
-test: setup
+# The tests start a real tracking server on PostgreSQL, so they need the package too.
+test: setup postgresql
 	$(BIN)/python -m pytest
 
 # The printed link opens the experiment's runs with the pipeline's columns (test accuracy, parity, ...).
@@ -54,6 +55,29 @@ screenshots: setup
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }
 	$(BIN)/python scripts/screenshots.py
+
+# A tracking server for a team (README: Scaling out), in the background until `make server-stop`.
+# DB=sqlite serves the project store; DB=postgresql a cluster of its own in .server/postgresql.
+# AUTH=1 puts MLflow's basic-auth login in front (the first start needs MLFLOW_AUTH_ADMIN_PASSWORD).
+DB             ?= sqlite
+SERVER_HOST    ?= 127.0.0.1
+SERVER_PORT    ?= 5050
+SERVER_WORKERS ?= 4
+
+server: setup $(if $(filter postgresql,$(DB)),postgresql)
+	$(BIN)/pipeline server start --db $(DB) --host $(SERVER_HOST) --port $(SERVER_PORT) \
+	  --workers $(SERVER_WORKERS) $(if $(AUTH),--basic-auth)
+
+server-stop: $(STAMP)
+	$(BIN)/pipeline server stop
+
+# Debian's PostgreSQL server, installed only when missing.
+postgresql:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  echo "Installing Debian's postgresql package..."; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
 
 # Full mode: every measurement, 3 alternating rounds, plus a real 5-epoch `mlflow run`: about 9 minutes here.
 bench: setup

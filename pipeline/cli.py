@@ -15,6 +15,7 @@ import click
 from pipeline import cli_args, jobs
 from pipeline.config import DOWNLOAD_TIMEOUT_S, HEARTBEAT_INTERVAL_S, STALE_AFTER_S, TrainConfig
 from pipeline.errors import PipelineError
+from pipeline.server import DATABASES, ServerConfig, default_folder
 from pipeline.signals import Terminated, sigterm_raises
 
 
@@ -97,9 +98,22 @@ def _echo_download(report, data_dir: Path) -> None:
     help="Continue a KILLED, FAILED or stale RUNNING run from its last checkpoint, in the same run, with "
     "its own settings (only --data-dir may be given).  [default: none]",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=1,
+    help="Train on N local processes with DistributedDataParallel: runs "
+    "`torchrun --nproc-per-node N -m pipeline train ...` with the other options.",
+)
+@click.option(
+    "--per-rank-batch",
+    is_flag=True,
+    help="With several processes, --batch-size is each rank's batch (global batch = N x batch size) "
+    "instead of the global batch split over the ranks.",
+)
 @cli_args.REUSE
 @cli_args.EXPERIMENT
-def train_command(resume: str | None, reuse: bool, experiment: str | None, **settings) -> None:
+def train_command(resume: str | None, nproc: int, reuse: bool, experiment: str | None, **settings) -> None:
     """Train a model and record params, metrics, checkpoints and the model in MLflow."""
     if resume:
         ctx, typed_in = click.get_current_context(), click.core.ParameterSource.COMMANDLINE
@@ -113,7 +127,14 @@ def train_command(resume: str | None, reuse: bool, experiment: str | None, **set
         _echo_trained(job)
         return
     config = cli_args.train_config(**settings)
-    _echo_trained(jobs.train_model(config, experiment, reuse))
+    if nproc > 1:
+        if reuse:
+            raise PipelineError("--reuse is for one process; drop it or --nproc")
+        jobs.train_distributed(config, nproc, experiment)
+        return
+    job = jobs.train_model(config, experiment, reuse)
+    if job is not None:  # None: a rank other than 0 under torchrun; rank 0 reports the run
+        _echo_trained(job)
 
 
 def _echo_trained(job: jobs.TrainJob) -> None:
@@ -500,6 +521,60 @@ def bench_command(
     job = jobs.run_bench(quick, run_id, steps, full_job, output_dir, data_dir, max_cpu_isa, progress=echo_err)
     click.echo(job.report)
     click.echo(f"Wrote {job.written[0]} and {job.written[1]}; logged to experiment 'benchmarks'.")
+
+
+@cli.group("server")
+def server_group() -> None:
+    """A tracking server for a team: `mlflow server` over sqlite or PostgreSQL (`make server`)."""
+
+
+@server_group.command("start")
+@click.option(
+    "--db",
+    type=click.Choice(DATABASES),
+    default=ServerConfig.db,
+    help="sqlite: the project store (mlruns/mlflow.db); postgresql: a cluster of its own in FOLDER/postgresql.",
+)
+@click.option("--host", default=ServerConfig.host, help="Interface to listen on; 0.0.0.0 for the whole network.")
+@click.option("--port", type=click.IntRange(1, 65535), default=ServerConfig.port, help="Port to listen on.")
+@click.option("--workers", type=click.IntRange(min=1), default=ServerConfig.workers, help="Server processes.")
+@click.option(
+    "--basic-auth",
+    is_flag=True,
+    help="MLflow's own login (--app-name basic-auth). The first start needs MLFLOW_AUTH_ADMIN_PASSWORD.",
+)
+@click.option(
+    "--folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_folder,
+    show_default=".server/ at the project root",
+    help="Pid file, logs, the PostgreSQL cluster and its artifacts.",
+)
+def server_start_command(db: str, host: str, port: int, workers: int, basic_auth: bool, folder: Path) -> None:
+    """Start the server in the background and wait until it answers."""
+    config = ServerConfig(
+        db=db, host=host, port=port, workers=workers, folder=folder, app_name="basic-auth" if basic_auth else None
+    )
+    info = jobs.start_tracking_server(config)
+    state = "already running" if info.already_running else "started"
+    click.echo(f"MLflow tracking server {state} at {info.url} (pid {info.pid}, {info.db}; log {info.log})")
+    click.echo(f"Backend store: {info.backend_store_uri}")
+    click.echo(f"Artifacts:     {info.artifacts_destination} (proxied by the server)")
+    click.echo(f"Use it:        export MLFLOW_TRACKING_URI={info.url}")
+
+
+@server_group.command("stop")
+@click.option(
+    "--folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_folder,
+    show_default=".server/ at the project root",
+    help="The folder `server start` used.",
+)
+def server_stop_command(folder: Path) -> None:
+    """Stop the server and its PostgreSQL."""
+    stopped = jobs.stop_tracking_server(folder)
+    click.echo("\n".join(f"Stopped {what}." for what in stopped) or "Nothing was running.")
 
 
 def main() -> None:

@@ -110,8 +110,8 @@ _TRAIN_SETTINGS = (
         "--precision",
         type=click.Choice(PRECISIONS),
         default=TrainConfig.precision,
-        help="bf16 runs forward/backward under bfloat16 autocast (weights stay fp32); auto picks bf16 where "
-        "the CPU or GPU computes it natively, else fp32.",
+        help="bf16/fp16 run forward/backward under autocast (weights stay fp32; fp16 with a gradient scaler); "
+        "auto picks bf16 where the CPU or GPU computes it natively, else fp16 on a GPU and fp32 on a CPU.",
     ),
     click.option(
         "--channels-last/--no-channels-last",

@@ -36,7 +36,7 @@ INPUT_SHAPE: tuple[int, int, int] = (1, 28, 28)
 # torch-free, so Click can offer and check them before torch is imported.
 MODEL_NAMES: tuple[str, ...] = ("dnn", "cnn")
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
-PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16")
 
 # Seeds every tool accepts (numpy's legacy seeding stops at 2**32 - 1); Click checks the option.
 SEED_RANGE: tuple[int, int] = (0, 2**32 - 1)
@@ -97,8 +97,9 @@ class TrainConfig:
     # of conv activations. bf16 runs the forward/backward matmuls and convs under autocast in
     # bfloat16 while weights and the optimizer stay float32; "auto" uses it only where the
     # hardware computes bf16 natively (there it roughly doubles CNN training speed at the same
-    # accuracy), and fp32 elsewhere, where emulated bf16 would be slower.
-    precision: str = "auto"  # auto | fp32 | bf16
+    # accuracy), and fp32 elsewhere, where emulated bf16 would be slower. On a GPU without
+    # bf16, auto picks fp16 autocast with a gradient scaler.
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
     # Train on files whose SHA-256 differs from Fashion-MNIST's (own data in the same IDX format).
     allow_other_data: bool = False
@@ -106,6 +107,9 @@ class TrainConfig:
     checkpoint_every: int = 0
     # CPU, memory (and GPU) use sampled into the run by MLflow while it trains, as system/* metrics.
     system_metrics: bool = True
+    # Distributed runs (torchrun): batch_size is the global batch, split over the ranks, so the
+    # recipe means the same at any world size; True makes it the batch of each rank instead.
+    per_rank_batch: bool = False
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -121,7 +125,7 @@ class TrainConfig:
         if not SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]:
             raise PipelineError(f"seed must be in {SEED_RANGE[0]}..{SEED_RANGE[1]}, got {self.seed}")
         if self.precision not in PRECISIONS:
-            raise PipelineError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+            raise PipelineError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 def train_config_from_params(params: dict[str, str], **overrides) -> TrainConfig:

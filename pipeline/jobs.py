@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from pipeline.parity import ParityResult, QuantizedCheckResult
     from pipeline.predict import PredictConfig, PredictSummary
     from pipeline.registry import Promotion, Registration
+    from pipeline.server import ServerConfig, ServerInfo
 
 
 def quiet_known_warnings() -> None:
@@ -94,16 +95,25 @@ def _trained_splits(params: dict[str, Any], data_dir: Path) -> list[Any]:
 NOT_IN_TRAIN_KEY = ("data_dir", "checkpoint_every")
 
 
-def train_model(config: TrainConfig, experiment: str | None = None, reuse: bool = False) -> TrainJob:
+def train_model(config: TrainConfig, experiment: str | None = None, reuse: bool = False) -> TrainJob | None:
     """Train `config.model` in a new MLflow run: params, metrics per step and epoch, checkpoints, the model.
 
     With `reuse`, a FINISHED run of the experiment that trained with the same params, data
     digests and git commit stands in for this one (`mlflow run . -P reuse=true`).
+    Under torchrun only rank 0 records the run; the other ranks train and return None.
     """
     from pipeline import tracking
-    from pipeline.train import setup
+    from pipeline.distributed import World
+    from pipeline.train import fit, setup
 
     quiet_known_warnings()
+    world = World.from_env()
+    if world.distributed and reuse:
+        # Rank 0 alone could find a run to reuse, and the others would wait for it forever.
+        raise PipelineError("--reuse (or PIPELINE_REUSE) is for one process, not for a torchrun job")
+    if not world.is_main:
+        fit(setup(config))
+        return None
     tracking.connect()  # an unusable store fails here, in seconds, before the data is loaded
     # Before the run exists: missing or unknown data, or no CUDA, must not leave an empty FAILED run.
     t = setup(config)
@@ -134,9 +144,12 @@ def resume_training(run_id: str, data_dir: Path | None = None) -> TrainJob:
     """
     from pipeline import tracking
     from pipeline.config import train_config_from_params
+    from pipeline.distributed import World
     from pipeline.train import restore_state, setup
 
     quiet_known_warnings()
+    if World.from_env().distributed:
+        raise PipelineError("--resume continues a run in one process; run it without torchrun")
     found = tracking.resumable_run(run_id)
     params = found.data.params
     t = setup(train_config_from_params(params, **({"data_dir": data_dir} if data_dir else {})))
@@ -174,6 +187,30 @@ def _fit_and_log(t, callback, run_id: str) -> TrainJob:
         result.model, result.example_input, result.params["class_names"], step=int(result.metrics["steps"])
     )
     return TrainJob(run_id, result.params["model"], model_uri, result.metrics)
+
+
+def train_distributed(config: TrainConfig, nproc: int, experiment: str | None = None) -> list[str]:
+    """`pipeline train` on `nproc` local processes through torchrun; returns the command it ran.
+
+    The ranks print to this terminal (rank 0 its run id); a failed rank fails the whole job.
+    """
+    import os
+    import subprocess
+
+    from pipeline.distributed import World, torchrun_command
+
+    if World.from_env().distributed:
+        raise PipelineError("--nproc is for starting torchrun; this process already is one of its ranks")
+    command = torchrun_command(config, nproc, experiment)
+    env = dict(os.environ)
+    # torchrun would set 1 thread per rank (with a warning); share the cores between the ranks instead.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    returncode = subprocess.run(command, env=env).returncode
+    if returncode != 0:
+        raise PipelineError(
+            f"distributed training failed: torchrun exited with {returncode}; the failing rank's error is above"
+        )
+    return command
 
 
 # ----------------------------------------------------------------- runs
@@ -476,6 +513,23 @@ def ui_links(experiment: str | None, host: str, port: int) -> UiLinks:
     return UiLinks(tracking.experiment_name(experiment), *tracking.ui_links(experiment, f"http://{host}:{port}"))
 
 
+# ----------------------------------------------------------------- server
+
+
+def start_tracking_server(config: ServerConfig) -> ServerInfo:
+    """`mlflow server` in the background over sqlite or the folder's own PostgreSQL; waits until it answers."""
+    from pipeline.server import start_server
+
+    return start_server(config)
+
+
+def stop_tracking_server(folder: Path) -> list[str]:
+    """Stop the folder's server and its PostgreSQL; what was stopped, for the CLI to list."""
+    from pipeline.server import stop_server
+
+    return stop_server(folder)
+
+
 # ----------------------------------------------------------------- bench
 
 
@@ -566,6 +620,10 @@ def run_pipeline(
     result as soon as it is done (download's is None with --allow-other-data: the data is used
     as it is). A failed parity check stops before `register`.
     """
+    from pipeline.distributed import World
+
+    if World.from_env().distributed:
+        raise PipelineError("pipeline run is one process; under torchrun, run `pipeline train` (or train --nproc)")
     stages: dict[str, Any] = {}
 
     def done(stage: str, result: Any) -> Any:

@@ -105,6 +105,95 @@ def experiment_name(experiment: str | None = None) -> str:
     return experiment or os.environ.get(EXPERIMENT_ENV) or DEFAULT_EXPERIMENT
 
 
+# MLflow retries a failed HTTP request 7 times with growing back-off (minutes in all) and waits
+# 120 s for each answer: made for rate-limited cloud services. For a CLI whose team server is
+# down that is minutes of silence, so a server URI gets these unless the user set them.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",  # with back-off 1: retries at once, then after ~2 s
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",  # seconds of silence per request, not a cap on uploads
+}
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def prepare_server(uri: str) -> None:
+    """For a tracking server: retry settings for a CLI, then one cheap request, so a wrong port or a
+    missing login fails here in seconds with one line, not in minutes with a traceback.
+    """
+    if not is_server(uri):
+        return
+    import requests
+
+    for name, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    auth = (user, os.environ.get("MLFLOW_TRACKING_PASSWORD", "")) if user else None
+    try:
+        answer = requests.get(
+            f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search",
+            params={"max_results": 1},
+            auth=auth,
+            timeout=min(float(os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"]), 10.0),
+        )
+    except requests.RequestException as exc:
+        raise PipelineError(
+            f"cannot reach the MLflow tracking server at {uri} ({_reason(exc)}); is it running (`make server`)? "
+            "Or unset MLFLOW_TRACKING_URI for the local store"
+        ) from None
+    if answer.status_code == 401:
+        refused = " refused the login given" if auth else " asks for a login"
+        raise PipelineError(
+            f"the MLflow tracking server at {uri}{refused}: set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
+        )
+
+
+def _server_failure(exc: BaseException) -> BaseException | None:
+    """The requests error behind an MLflow error, if it came from not reaching the server at all.
+
+    That covers refused and reset connections, timeouts and 5xx answers left after the
+    retries; an HTTP error the server chose to send (404, 401, ...) is not one.
+    """
+    import requests
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, requests.RequestException):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc)
+    for needle, reason in (
+        ("Connection refused", "connection refused"),
+        ("RemoteDisconnected", "connection closed"),
+        ("Connection aborted", "connection closed"),
+        ("Connection reset", "connection reset"),
+        ("timed out", "timed out"),
+        ("too many 5", "it answers with server errors"),
+    ):
+        if needle in text:
+            return reason
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def server_lost(run_id: str, failure: BaseException, marked: bool) -> PipelineError:
+    state = (
+        "it is marked FAILED"
+        if marked
+        else "it stays RUNNING there, as the server could not be told; once the server is back, "
+        "`pipeline runs --stale --mark-failed` closes it"
+    )
+    return PipelineError(
+        f"lost the MLflow tracking server at {tracking_uri()} during run {run_id} ({_reason(failure)}); {state}"
+    )
+
+
 _opened: set[tuple[str, bool]] = set()  # (uri, write) checked by open_store in this process
 SQLITE_HEADER = b"SQLite format 3\x00"
 
@@ -117,6 +206,7 @@ def connect(write: bool = True) -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if (uri, write) not in _opened:
+        prepare_server(uri)  # a server first: sane retries, and nothing listening fails in seconds
         open_store(uri, write)
         _opened.add((uri, write))
     return uri
@@ -267,18 +357,31 @@ def run(
     )
     mark_experiment(active.info.experiment_id)
     heartbeat = Heartbeat(active.info.run_id)
-    status = RunStatus.FINISHED
     try:
         yield active
-    except KeyboardInterrupt:  # Ctrl-C, and SIGTERM (signals.Terminated)
-        status = RunStatus.KILLED
+    except BaseException as exc:
+        # KeyboardInterrupt: Ctrl-C, and SIGTERM (signals.Terminated)
+        status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
+        lost = _server_failure(exc)
+        untold = _end_run(heartbeat, status)
+        if lost is not None or untold is not None:
+            raise server_lost(active.info.run_id, lost or untold, marked=untold is None) from None
         raise
-    except BaseException:
-        status = RunStatus.FAILED
-        raise
-    finally:
-        heartbeat.stop()
+    else:
+        if (untold := _end_run(heartbeat, RunStatus.FINISHED)) is not None:
+            raise server_lost(active.info.run_id, untold, marked=False) from None
+
+
+def _end_run(heartbeat: Heartbeat, status: int) -> BaseException | None:
+    """End the active run with `status`; the server failure if the server could not be told (else None)."""
+    heartbeat.stop()
+    try:
         mlflow.end_run(RunStatus.to_string(status))
+    except mlflow.exceptions.MlflowException as exc:
+        if (failure := _server_failure(exc)) is None:
+            raise
+        return failure
+    return None
 
 
 def _liveness_tags() -> dict[str, str]:
@@ -311,7 +414,11 @@ def get_run(run_id: str) -> Any:
     """The run with this id, or a PipelineError that says where to find run ids."""
     try:
         return mlflow.get_run(run_id)
-    except mlflow.exceptions.MlflowException:
+    except mlflow.exceptions.MlflowException as exc:
+        if (failure := _server_failure(exc)) is not None:
+            raise PipelineError(
+                f"cannot reach the MLflow tracking server at {tracking_uri()} ({_reason(failure)})"
+            ) from None
         raise PipelineError(
             f"no run {run_id!r} in the tracking store {tracking_uri()}; list runs with `make ui` or `pipeline compare`"
         ) from None

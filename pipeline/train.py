@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import hardware
+from pipeline import distributed, hardware
 from pipeline.callbacks import TrainCallback
 from pipeline.config import CLASS_NAMES, TrainConfig
 from pipeline.data import check_known, load_split
@@ -57,9 +57,16 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_precision(choice: str, device: torch.device) -> str:
+    """auto: bf16 where the hardware has it; else fp16 (with a gradient scaler) on a GPU, fp32 on a CPU."""
     if choice == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
+        if native_bf16(device):
+            return "bf16"
+        return "fp16" if device.type == "cuda" else "fp32"
     return choice
+
+
+# The dtype each mixed precision runs the forward pass in; fp32 runs without autocast.
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, steps: int) -> list[torch.Tensor]:
@@ -80,7 +87,7 @@ class Trainer:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     device: torch.device
-    precision: str  # resolved: fp32 or bf16
+    precision: str  # resolved: fp32, bf16 or fp16
     layout: torch.memory_format
     shuffle: torch.Generator  # draws each epoch's order; seeded, so a run repeats exactly
     train_x: torch.Tensor
@@ -104,21 +111,31 @@ class Trainer:
     epoch_loss: float = 0.0
     window_loss: float = 0.0  # since the last on_log
     window_steps: int = 0
+    world: distributed.World = field(default_factory=distributed.World)  # one process unless torchrun started it
+    global_batch: int = 0  # images per optimizer step over all ranks (config.batch_size for one process)
+    scaler: torch.amp.GradScaler | None = None  # fp16 only: scales the loss so small gradients survive
 
     @property
     def done(self) -> bool:
         return self.step >= self.total_steps
 
 
-def setup(config: TrainConfig) -> Trainer:
-    """Decode the data once into tensors, build the model and optimizer, and record the run's params."""
-    device = resolve_device(config.device)
+def setup(config: TrainConfig, world: distributed.World | None = None) -> Trainer:
+    """Decode the data once into tensors, build the model and optimizer, and record the run's params.
+
+    Under torchrun (`world` from the environment by default) it also joins the process group
+    and wraps the model in DistributedDataParallel.
+    """
+    world = distributed.World.from_env() if world is None else world
+    device = distributed.local_device(resolve_device(config.device), world)
     model_class(config.model)  # fail on a bad name before loading data
+    global_batch = distributed.global_batch_size(config.batch_size, world, config.per_rank_batch)
     train_split = load_split(config.data_dir, "train")
     test_split = load_split(config.data_dir, "test")
     if not config.allow_other_data:
         check_known(train_split, config.data_dir)
         check_known(test_split, config.data_dir)
+    world = distributed.init(world, device)
 
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
@@ -127,6 +144,7 @@ def setup(config: TrainConfig) -> Trainer:
     # fused: one kernel for the whole Adam update instead of a few per parameter tensor.
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
     precision = resolve_precision(config.precision, device)
+    model = distributed.wrap(model, world, device)
 
     # Decoded once; every batch is an index into these tensors.
     train_x = images_to_tensor(train_split.images, device)
@@ -134,7 +152,7 @@ def setup(config: TrainConfig) -> Trainer:
     test_x = images_to_tensor(test_split.images, device)
     test_y = torch.from_numpy(test_split.labels).to(device)
 
-    steps_per_epoch = -(-len(train_y) // config.batch_size)
+    steps_per_epoch = -(-len(train_y) // global_batch)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
@@ -144,12 +162,13 @@ def setup(config: TrainConfig) -> Trainer:
         "precision": precision,
         "optimizer": "Adam",
         "loss": "cross_entropy",
-        "num_parameters": count_parameters(model),
+        "num_parameters": count_parameters(distributed.unwrap(model)),
         "train_size": len(train_y),
         "test_size": len(test_y),
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "num_threads": torch.get_num_threads(),
+        **(distributed_params(world, global_batch) if world.distributed else {}),
         "class_names": list(CLASS_NAMES),
         **library_versions(),
         "git_commit": git_commit(),
@@ -170,7 +189,31 @@ def setup(config: TrainConfig) -> Trainer:
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         params=params,
+        world=world,
+        global_batch=global_batch,
+        scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
     )
+
+
+def distributed_params(world: distributed.World, global_batch: int) -> dict[str, Any]:
+    return {
+        "world_size": world.size,
+        "backend": world.backend,
+        "global_batch_size": global_batch,
+        "rank_batch_size": global_batch // world.size,  # the largest shard is one more when it doesn't divide
+    }
+
+
+def optimizer_step(t: Trainer, loss: torch.Tensor) -> None:
+    """Backward and update; with fp16 through the gradient scaler, which skips steps with inf/NaN gradients."""
+    t.optimizer.zero_grad(set_to_none=True)
+    if t.scaler is None:
+        loss.backward()
+        t.optimizer.step()
+        return
+    t.scaler.scale(loss).backward()
+    t.scaler.step(t.optimizer)
+    t.scaler.update()
 
 
 def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, float]:
@@ -190,20 +233,24 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
     steps_this_epoch = min(t.steps_per_epoch, t.total_steps - (t.step - t.epoch_step))
     for cb in callbacks:
         cb.on_epoch_start(t.epoch, steps_this_epoch - t.epoch_step)
-    batches = shuffled_batches(len(t.train_y), config.batch_size, t.shuffle, steps_this_epoch)
+    batches = shuffled_batches(len(t.train_y), t.global_batch, t.shuffle, steps_this_epoch)
+    autocast_dtype = AUTOCAST_DTYPES.get(t.precision, torch.bfloat16)
     tick = time.perf_counter()
-    for index in batches[t.epoch_step :]:
-        index = index.to(t.device)
-        with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+    for batch in batches[t.epoch_step :]:
+        # Every rank draws the same global batch (same seed, same epoch) and trains its own shard.
+        index = distributed.shard(batch, t.world).to(t.device)
+        with torch.autocast(t.device.type, dtype=autocast_dtype, enabled=t.precision in AUTOCAST_DTYPES):
             logits = model(t.train_x[index].contiguous(memory_format=t.layout))
         loss = F.cross_entropy(logits.float(), t.train_y[index])
-        t.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        t.optimizer.step()
+        if t.world.distributed:
+            # DDP averages the ranks' gradients; weighting each shard by its size makes that the
+            # gradient of the whole batch's mean loss even when the batch doesn't split evenly.
+            loss = loss * (len(index) * t.world.size / len(batch))
+        optimizer_step(t, loss)
         t.step += 1
         t.epoch_step += 1
         t.images_seen += len(index)
-        loss_value = loss.item()
+        loss_value = distributed.mean(loss.detach(), t.world)  # the same on every rank: they stop together
         if not math.isfinite(loss_value):
             raise PipelineError(
                 f"training diverged: the loss is {loss_value} at step {t.step}; lower the learning rate "
@@ -213,7 +260,7 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
         t.window_loss += loss_value
         t.window_steps += 1
         for cb in callbacks:
-            cb.on_step(t.step, loss_value, len(index))
+            cb.on_step(t.step, loss_value, len(batch))
         if t.step % config.log_every == 0:
             for cb in callbacks:
                 cb.on_log(t.step, {"train_loss_step": t.window_loss / t.window_steps})
@@ -225,15 +272,16 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
             tick = time.perf_counter()
     t.train_seconds += time.perf_counter() - tick
 
-    metrics = {
-        "train_loss": t.epoch_loss / steps_this_epoch,
-        **loss_and_accuracy(compute_logits(model, t.test_x, config.eval_batch_size), t.test_y),
-    }
+    metrics = {"train_loss": t.epoch_loss / steps_this_epoch}
+    if t.world.is_main:  # evaluated once, by rank 0, not once per rank
+        evaluated = compute_logits(distributed.unwrap(model), t.test_x, config.eval_batch_size)
+        metrics.update(loss_and_accuracy(evaluated, t.test_y))
     t.epoch_step = 0
     t.history.append({"epoch": t.epoch, "step": t.step, **metrics})
     for cb in callbacks:
         cb.on_epoch_end(t.epoch, t.step, metrics)
     checkpoint(t, callbacks)
+    distributed.barrier(t.world)  # the others wait here, not inside the next backward, so their timing stays clean
     return metrics
 
 
@@ -262,7 +310,7 @@ def capture_state(t: Trainer) -> dict[str, Any]:
     return {
         "model_name": t.config.model,
         "total_steps": t.total_steps,
-        "model": t.model.state_dict(),
+        "model": distributed.unwrap(t.model).state_dict(),
         "optimizer": t.optimizer.state_dict(),
         "rng": rng,
         "step": t.step,
@@ -285,7 +333,7 @@ def restore_state(t: Trainer, state: dict[str, Any]) -> None:
             f"the checkpoint is of a {state['model_name']} run of {state['total_steps']} steps, "
             f"not of this {t.config.model} run of {t.total_steps} steps"
         )
-    t.model.load_state_dict(state["model"])
+    distributed.unwrap(t.model).load_state_dict(state["model"])
     t.optimizer.load_state_dict(state["optimizer"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
@@ -318,11 +366,24 @@ def fit(t: Trainer, callbacks: list[TrainCallback] = ()) -> TrainResult:
         "train_time_s": t.train_seconds,
         "train_images_per_s": t.images_seen / t.train_seconds if t.train_seconds else 0.0,
     }
+    if t.world.distributed:
+        final.update(rank_throughput(t))
+        distributed.shutdown(t.world)
     example = t.test_x[:2].cpu().numpy()
-    result = TrainResult(model=t.model, params=t.params, metrics=final, history=t.history, example_input=example)
+    model = distributed.unwrap(t.model)
+    result = TrainResult(model=model, params=t.params, metrics=final, history=t.history, example_input=example)
     for cb in callbacks:
         cb.on_train_end(result)
     return result
+
+
+def rank_throughput(t: Trainer) -> dict[str, float]:
+    """Images/s of every rank, and of the whole job: all ranks' images over the slowest rank's time."""
+    images = distributed.gather(float(t.images_seen), t.world, t.device)
+    seconds = distributed.gather(t.train_seconds, t.world, t.device)
+    rates = [n / s if s else 0.0 for n, s in zip(images, seconds, strict=True)]
+    per_rank = {f"train_images_per_s_rank{rank}": rate for rank, rate in enumerate(rates)}
+    return {**per_rank, "train_images_per_s": sum(images) / max(seconds) if max(seconds) else 0.0}
 
 
 def train(config: TrainConfig, callbacks: list[TrainCallback] = ()) -> TrainResult:
