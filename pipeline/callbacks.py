@@ -1,5 +1,5 @@
-"""The training callback protocol, kept free of torch so tracking code can implement it
-without importing torch (the onnxruntime predictor shares the tracking module)."""
+"""The training callback and tuning observer protocols, kept free of torch (and optuna) so tracking
+code can implement them without importing either (the onnxruntime predictor shares the tracking module)."""
 
 from __future__ import annotations
 
@@ -32,3 +32,14 @@ class TrainCallback:
         """
 
     def on_train_end(self, result: TrainResult) -> None: ...
+
+
+class TrialObserver:
+    """Hooks a hyperparameter search (pipeline.tune) calls around each trial; no-ops here."""
+
+    def trial_started(self, number: int, params: dict[str, Any]) -> list[TrainCallback]:
+        """Before the trial trains; the callbacks returned see its training."""
+        return []
+
+    def trial_finished(self, number: int, state: str, value: float | None, metrics: dict[str, float]) -> None:
+        """`state`: complete, pruned, failed or killed; `value`: its validation accuracy, if it has one."""

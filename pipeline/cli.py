@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from pipeline import cli_args, jobs
-from pipeline.config import DOWNLOAD_TIMEOUT_S, HEARTBEAT_INTERVAL_S, STALE_AFTER_S, TrainConfig
+from pipeline.config import DOWNLOAD_TIMEOUT_S, HEARTBEAT_INTERVAL_S, MODEL_NAMES, PRUNERS, STALE_AFTER_S, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.server import DATABASES, ServerConfig, default_folder
 from pipeline.signals import Terminated, sigterm_raises
@@ -126,7 +126,7 @@ def train_command(resume: str | None, nproc: int, reuse: bool, experiment: str |
         click.echo(f"Resumed run {resume} from its checkpoint at step {job.resumed_from_step:,}.")
         _echo_trained(job)
         return
-    config = cli_args.train_config(**settings)
+    config = cli_args.config_from_options(**settings)
     if nproc > 1:
         if reuse:
             raise PipelineError("--reuse is for one process; drop it or --nproc")
@@ -148,6 +148,7 @@ def _echo_trained(job: jobs.TrainJob) -> None:
         f"Trained {job.model_name} for {m['steps']:,.0f} steps in {m['wall_time_s']:.1f} s "
         f"({m['train_images_per_s']:,.0f} images/s): test accuracy {m['test_accuracy']:.2%}, "
         f"test loss {m['test_loss']:.4f}"
+        + (f"; validation accuracy {m['val_accuracy']:.2%}" if "val_accuracy" in m else "")
     )
     click.echo(f"Run id: {job.run_id}")
     click.echo(f"Model:  {job.model_uri}")
@@ -172,7 +173,7 @@ def run_command(quantize: str, reuse: bool, register: bool, experiment: str | No
     What `mlflow run .` runs; the same as the five commands one after the other, into one run,
     without importing torch and MLflow once per stage.
     """
-    config = cli_args.train_config(**settings)
+    config = cli_args.config_from_options(**settings)
     echo = {
         "download": lambda report: _echo_download(report, config.data_dir),
         "train": _echo_trained,
@@ -184,6 +185,113 @@ def run_command(quantize: str, reuse: bool, register: bool, experiment: str | No
     exported = job.stages["export-onnx"]
     if exported.failures:
         raise PipelineError("\n".join(exported.failures))
+
+
+@cli.command("tune")
+@click.option(
+    "--model",
+    "model_name",
+    type=click.Choice(MODEL_NAMES),
+    default="cnn_plus",
+    help="Model whose recipe is searched (its space: pipeline/tune.py SEARCH_SPACES).",
+)
+@click.option("--n-trials", type=click.IntRange(min=1), default=20, help="Trials this invocation runs.")
+@click.option(
+    "--timeout",
+    type=cli_args.DURATION,
+    default=None,
+    help="Start no new trial after this long: 90s, 30m, 2h (with --n-trials, whichever comes first).  [default: none]",
+)
+@click.option("--study-name", default=None, help="The same name and storage resume a study.  [default: MODEL-tune]")
+@click.option(
+    "--storage",
+    metavar="URL",
+    default=None,
+    help="Optuna RDB storage shared by resumes and parallel workers, e.g. postgresql://user@host/optuna.  "
+    "[default: sqlite optuna.db beside the tracking store, in mlruns/]",
+)
+@click.option(
+    "--val-size",
+    type=click.IntRange(min=1),
+    default=5000,
+    help="Trials train on all but the LAST N training images and are judged on those N; the test set is "
+    "never loaded in a trial.",
+)
+@click.option(
+    "--pruner",
+    type=click.Choice(PRUNERS),
+    default="median",
+    help="Stop trials whose validation accuracy trails at the same share of their schedule.",
+)
+@click.option("--seed", type=cli_args.SEED, default=0, help="The training seed of every trial.")
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Cap each trial (and the retraining) at N optimizer steps, for smoke runs; 0 means no limit.",
+)
+@click.option(
+    "--retrain-best",
+    is_flag=True,
+    help="Then train the best trial's settings on all training images and evaluate that model on the test "
+    "set, once, in a run nested under the study's.",
+)
+@cli_args.ALLOW_OTHER_DATA
+@cli_args.DATA_DIR
+@cli_args.EXPERIMENT
+def tune_command(
+    model_name: str,
+    n_trials: int,
+    timeout: float | None,
+    study_name: str | None,
+    storage: str | None,
+    val_size: int,
+    pruner: str,
+    seed: int,
+    max_steps: int,
+    retrain_best: bool,
+    allow_other_data: bool,
+    data_dir: Path,
+    experiment: str | None,
+) -> None:
+    """Search a model's training settings with Optuna on a validation split, tracked in MLflow.
+
+    One parent run per study, one nested run per trial (params, per-epoch validation metrics,
+    state); the parent holds the best params, Optuna's plots and the trials table.
+    """
+    from pipeline.tune import TuneConfig
+
+    config = TuneConfig(
+        model=model_name,
+        n_trials=n_trials,
+        timeout_s=timeout,
+        study_name=study_name,
+        storage=storage or "",
+        val_size=val_size,
+        pruner=pruner,
+        seed=seed,
+        max_steps=max_steps or None,
+        data_dir=data_dir,
+        allow_other_data=allow_other_data,
+    )
+    job = jobs.tune_model(config, experiment, retrain_best, progress=echo_err)
+    r = job.result
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(r.counts.items()))
+    click.echo(f"Study {r.study_name}: {counts}.")
+    click.echo(f"Best trial {r.best_number}: validation accuracy {r.best_value:.2%}")
+    for name, value in r.best_params.items():
+        click.echo(f"  {name} = {value}")
+    click.echo(f"Parent run id: {job.parent_run_id}")
+    if job.retrained:
+        m = job.retrained.metrics
+        click.echo(f"Retrained on the full training set: test accuracy {m['test_accuracy']:.2%}")
+        click.echo(f"Run id: {job.retrained.run_id}")
+        click.echo(f"Model:  {job.retrained.model_uri}")
+        _echo_export(job.exported)
+        if job.registration is not None:
+            _echo_registration(job.registration)
+        if job.exported.failures:
+            raise PipelineError("\n".join(job.exported.failures))
 
 
 @cli.command("evaluate")

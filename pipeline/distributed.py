@@ -163,18 +163,19 @@ def shutdown(world: World) -> None:
 
 
 def train_flags(config: TrainConfig) -> list[str]:
-    """`pipeline train` options that reproduce `config`: every setting that differs from the default.
+    """`pipeline train` options that reproduce `config`: every setting that differs from the
+    model's recipe (which the ranks apply again), and --model.
 
     Each TrainConfig field is an option of the same name (model -> --model, max_steps ->
     --max-steps, channels_last -> --channels-last/--no-channels-last).
     """
-    from pipeline.config import TrainConfig
+    from pipeline.config import train_config
 
-    default = TrainConfig(data_dir=config.data_dir)
+    default = train_config(config.model, data_dir=config.data_dir)
     flags: list[str] = []
     for spec in fields(config):
         value, option = getattr(config, spec.name), "--" + spec.name.replace("_", "-")
-        if value == getattr(default, spec.name) and spec.name != "data_dir":
+        if value == getattr(default, spec.name) and spec.name not in ("model", "data_dir"):
             continue
         if isinstance(value, bool):
             flags.append(option if value else option.replace("--", "--no-", 1))

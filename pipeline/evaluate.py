@@ -45,11 +45,12 @@ def compute_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int = 200
         model.train(was_training)
 
 
-def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor, split: str = "test") -> dict[str, float]:
+    """`<split>_loss` and `<split>_accuracy`: test_..., or val_... for the validation split."""
     labels = labels.to(logits.device)
     return {
-        "test_loss": F.cross_entropy(logits, labels).item(),
-        "test_accuracy": (logits.argmax(1) == labels).float().mean().item(),
+        f"{split}_loss": F.cross_entropy(logits, labels).item(),
+        f"{split}_accuracy": (logits.argmax(1) == labels).float().mean().item(),
     }
 
 

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from pipeline.predict import PredictConfig, PredictSummary
     from pipeline.registry import Promotion, Registration
     from pipeline.server import ServerConfig, ServerInfo
+    from pipeline.tune import StudyResult, TuneConfig
 
 
 def quiet_known_warnings() -> None:
@@ -235,6 +236,63 @@ def list_runs(experiment: str | None, stale: bool, stale_after: float, mark_fail
         for row in rows:
             tracking.mark_failed(row.run_id, row.stale)
             job.marked_failed.append(row.run_id)
+    return job
+
+
+# ----------------------------------------------------------------- tune
+
+
+@dataclass
+class TuneJob:
+    result: StudyResult
+    parent_run_id: str
+    retrained: TrainJob | None = None  # --retrain-best: the best settings on the full training set
+    exported: ExportJob | None = None  # ... exported to ONNX with its parity check
+    registration: Registration | None = None  # ... registered as the candidate once parity passed
+
+
+def tune_model(
+    config: TuneConfig,
+    experiment: str | None = None,
+    retrain_best: bool = False,
+    progress: Callable[[str], Any] = lambda message: None,
+) -> TuneJob:
+    """An Optuna study on the validation split, tracked as one parent run with a nested run per trial.
+
+    The parent run's id is kept in the study, so a resumed study and parallel workers log into
+    the same parent. With `retrain_best`, the best trial's settings train on all training images
+    in one more nested run, whose test accuracy is the only test figure the search produces;
+    that model is then exported (parity checked) and registered as the candidate.
+    """
+    from pipeline import tracking, tune
+    from pipeline.train import setup
+
+    quiet_known_warnings()
+    tracking.connect()
+    config.storage = config.storage or tracking.default_optuna_storage()
+    study = tune.open_study(config)
+    parent_id = study.user_attrs.get(tune.PARENT_RUN_ATTR)
+    tags = {"stage": tracking.STUDY_STAGE, "study": config.study_name}
+    with tracking.run(run_id=parent_id, run_name=f"tune {config.study_name}", experiment=experiment, tags=tags) as run:
+        if parent_id is None:
+            study.set_user_attr(tune.PARENT_RUN_ATTR, run.info.run_id)
+        progress(f"Study {config.study_name!r} in {tune.safe_url(config.storage)}: {len(study.trials)} trials so far.")
+        tune.optimize(study, config, [tracking.MlflowTrialObserver(), tune.ProgressLines(progress)])
+        result = tune.summarize(study, config)
+        tracking.log_study(tune.study_settings(config), result)
+        job = TuneJob(result, run.info.run_id)
+        if retrain_best:
+            progress(f"Retraining trial {result.best_number}'s settings on the full training set.")
+            trainer = setup(tune.retrain_config(config, result.best_params))
+            run_tags = {"stage": "train", "study": config.study_name, "trial": str(result.best_number)}
+            with tracking.child_run(f"{config.model} best of {config.study_name}", tags=run_tags) as child:
+                job.retrained = _fit_and_log(trainer, tracking.MlflowTrainCallback(), child.info.run_id)
+            tracking.log_metrics({"retrained_test_accuracy": job.retrained.metrics["test_accuracy"]})
+    if job.retrained is not None:
+        # After the study's run has closed: export and register open the retrained run themselves.
+        job.exported = export_run(job.retrained.run_id, None, None, "none", None, config.data_dir)
+        if not job.exported.failures:
+            job.registration = register_run(job.retrained.run_id)
     return job
 
 

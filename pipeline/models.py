@@ -1,7 +1,8 @@
-"""The chapter's two classifiers, layer for layer, and the registry that names them.
+"""The chapter's two classifiers, layer for layer, one faster-to-train CNN, and the registry.
 
 `print(FashionDNN())` and `print(FashionCNN())` match listings 5-7 and 5-10. Adding a
-model takes one class and one `@register("name")` line.
+model takes one class and one `@register("name")` line; its training recipe, if it has
+its own, is one entry of pipeline.config.RECIPES.
 """
 
 from __future__ import annotations
@@ -110,3 +111,42 @@ class FashionCNN(nn.Module):
         out = self.drop(out)
         out = self.fc2(out)
         return self.fc3(out)
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
+    # No conv bias: the batch norm right after it has its own shift.
+    layers = [
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(),
+    ]
+    if pool:
+        layers.append(nn.MaxPool2d(2))
+    return nn.Sequential(*layers)
+
+
+@register("cnn_plus")
+class FashionCNNPlus(nn.Module):
+    """Three padded conv/BN/ReLU blocks (32, 64, 128 channels; max-pool after the first two),
+    global average pooling, one linear layer: 94k parameters against the chapter CNN's 1.5M.
+
+    Trained with its own recipe (pipeline.config.RECIPES["cnn_plus"]). The per-image cost of a
+    training step is close to the chapter CNN's: the third block runs at 7x7 and replaces the
+    CNN's 2304x600 linear layer. At export, every conv absorbs its batch norm.
+    """
+
+    widths: tuple[int, ...] = (32, 64, 128)
+
+    def __init__(self, input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: int = 10):
+        super().__init__()
+        self.input_shape = tuple(input_shape)
+        channels = [input_shape[0], *self.widths]
+        last = len(self.widths) - 1
+        self.features = nn.Sequential(
+            *(conv_bn_relu(channels[i], channels[i + 1], pool=i < last) for i in range(len(self.widths)))
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(channels[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.features(x)).flatten(1))

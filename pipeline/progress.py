@@ -33,5 +33,11 @@ class ProgressBar(TrainCallback):
     def on_epoch_end(self, epoch: int, step: int, metrics: dict[str, float]) -> None:
         if self.bar is not None:
             self.bar.update(self.steps - self.bar.n)
-            self.bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", test_acc=f"{metrics['test_accuracy']:.2%}")
+            # Whatever this epoch evaluated: validation, test, both, or (tuning) validation only.
+            accuracies = {
+                f"{split}_acc": f"{metrics[f'{split}_accuracy']:.2%}"
+                for split in ("val", "test")
+                if f"{split}_accuracy" in metrics
+            }
+            self.bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", **accuracies)
             self.bar.close()

@@ -29,12 +29,13 @@ from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NOTE
 from sqlalchemy.exc import SQLAlchemyError
 
-from pipeline.callbacks import TrainCallback
+from pipeline.callbacks import TrainCallback, TrialObserver
 from pipeline.config import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, HEARTBEAT_INTERVAL_S, STALE_AFTER_S, project_root
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
     from pipeline.train import TrainResult
+    from pipeline.tune import StudyResult
 
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 # The latest training state, replaced at every checkpoint (the artifact store publishes it
@@ -43,6 +44,9 @@ TRAINING_STATE_ARTIFACT = "checkpoint/training_state.pt"
 CHECKPOINT_STEP_TAG, CHECKPOINT_EPOCH_TAG = "checkpoint_step", "checkpoint_epoch"
 # Who works on a run, and when it last showed signs of life (unix seconds): see staleness().
 HEARTBEAT_TAG, PID_TAG, HOSTNAME_TAG = "heartbeat", "pid", "hostname"
+# Stage tags of `pipeline tune`'s runs: the study's parent run and each trial's. Both record a
+# model name, but neither holds a trained model.
+STUDY_STAGE, TRIAL_STAGE = "tune", "tune-trial"
 MODEL_NAME = "model"  # the name of the torch model logged with mlflow.pytorch.log_model
 MODEL_URI_TAG = "model_uri"  # where log_torch_model put it, so a reused train stage can say
 TORCH_URI_TAG = "pytorch_model_uri"  # run tag: the torch LoggedModel's models:/<model_id>
@@ -356,9 +360,25 @@ def run(
         log_system_metrics=system_metrics,
     )
     mark_experiment(active.info.experiment_id)
+    with _ended_by_outcome(active):
+        yield active
+
+
+@contextmanager
+def child_run(run_name: str, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run nested in the active one (a tuning trial's, a retrained model's); ends as `run` does."""
+    active = mlflow.start_run(run_name=run_name, nested=True, tags={**(tags or {}), **_liveness_tags()})
+    with _ended_by_outcome(active):
+        yield active
+
+
+@contextmanager
+def _ended_by_outcome(active: mlflow.ActiveRun) -> Iterator[None]:
+    """End the active run FINISHED, FAILED (error) or KILLED (Ctrl-C, SIGTERM), never RUNNING; its
+    heartbeat is refreshed until then."""
     heartbeat = Heartbeat(active.info.run_id)
     try:
-        yield active
+        yield
     except BaseException as exc:
         # KeyboardInterrupt: Ctrl-C, and SIGTERM (signals.Terminated)
         status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
@@ -761,8 +781,12 @@ def latest_finished_run(model_name: str, experiment: str | None = None) -> str |
         experiment_names=[experiment_name(experiment)],
         filter_string=f"params.model = '{model_name}' AND attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
-        max_results=1,
+        max_results=100,
     )
+    # Not a tuning study or trial: they name the model but keep no checkpoint. (A filter
+    # `tags.stage != ...` would also drop every run without the tag.)
+    if "tags.stage" in found:
+        found = found[~found["tags.stage"].isin((STUDY_STAGE, TRIAL_STAGE))]
     return None if found.empty else str(found.iloc[0]["run_id"])
 
 
@@ -819,7 +843,8 @@ class MlflowTrainCallback(TrainCallback):
 
     def on_train_end(self, result: TrainResult) -> None:
         self._log(
-            {k: v for k, v in result.metrics.items() if k not in ("test_accuracy", "test_loss")},
+            # Evaluation metrics were logged at their epoch's step already.
+            {k: v for k, v in result.metrics.items() if not k.startswith(("test_", "val_"))},
             result.metrics["steps"],
         )
         mlflow.log_dict(result.params["class_names"], "class_names.json")
@@ -1020,6 +1045,62 @@ def mark_reused(stage: str, source_run_id: str, job_run_id: str) -> None:
 def model_run(run_id: str) -> str:
     """The run that holds `run_id`'s trained model: a job run whose train stage was reused points to it."""
     return get_run(run_id).data.tags.get("reused.train", run_id)
+
+
+# ----------------------------------------------------------------- hyperparameter search (pipeline tune)
+
+# How a trial's state ends its run: a pruned trial ran as asked until the pruner stopped it.
+TRIAL_RUN_STATUS = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+
+def default_optuna_storage() -> str:
+    """Optuna's sqlite database beside the tracking store's (the project's mlruns/ by default)."""
+    path = sqlite_path(tracking_uri())
+    folder = path.parent if path else store_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'optuna.db'}"
+
+
+class MlflowTrialObserver(TrialObserver):
+    """One run per trial, nested in the active (study) run: its params, per-epoch metrics and state."""
+
+    def trial_started(self, number: int, params: dict[str, Any]) -> list[TrainCallback]:
+        mlflow.start_run(run_name=f"trial-{number}", nested=True, tags={"stage": TRIAL_STAGE, "trial": str(number)})
+        return [MlflowTrainCallback()]
+
+    def trial_finished(self, number: int, state: str, value: float | None, metrics: dict[str, float]) -> None:
+        mlflow.set_tag("trial_state", state)
+        mlflow.end_run(TRIAL_RUN_STATUS[state])
+
+
+def log_study(settings: dict[str, Any], result: StudyResult) -> None:
+    """A study into the active (parent) run: its settings, the best trial, the trials table and Optuna's plots.
+
+    A resumed study logs again: the best values are metrics at step = trials so far, so their
+    history shows the search improving; the best params are tags and best_params.json, replaced.
+    """
+    import matplotlib.pyplot as plt
+
+    log_params({k: v for k, v in settings.items() if k != "search_space"})
+    mlflow.log_dict(settings.get("search_space", {}), "optuna/search_space.json")
+    step = sum(result.counts.values())
+    log_metrics(
+        {
+            "best_val_accuracy": result.best_value,
+            "best_trial": result.best_number,
+            **{f"trials_{state}": count for state, count in result.counts.items()},
+        },
+        step=step,
+    )
+    mlflow.set_tags({f"best.{name}": str(value) for name, value in result.best_params.items()})
+    mlflow.log_dict(
+        {"trial": result.best_number, "val_accuracy": result.best_value, "params": result.best_params},
+        "optuna/best_params.json",
+    )
+    for name, figure in result.figures.items():
+        mlflow.log_figure(figure, f"optuna/{name}.png")
+        plt.close(figure)
+    log_table(result.trials, "optuna/trials.json")
 
 
 # ----------------------------------------------------------------- ONNX export helpers

@@ -4,6 +4,10 @@ Fixes over listings 5-8/5-11: batches are shuffled; the data is decoded once int
 and batches are index slices (no per-sample PIL/ToTensor); evaluation runs once per epoch
 in eval() mode without gradients. `train` returns its metrics and reports progress through
 callbacks, so it runs the same with MLflow on, off, or pointed at a temporary store.
+
+A model's own recipe (config.RECIPES) may add an optimizer and schedule (optim.py), label
+smoothing, batch augmentation (augment.py) and a validation split: the last `val_size`
+training images, evaluated every epoch beside (or, in tuning, instead of) the test set.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline import distributed, hardware
+from pipeline.augment import augment_batch
 from pipeline.callbacks import TrainCallback
 from pipeline.config import CLASS_NAMES, TrainConfig
 from pipeline.data import check_known, load_split
 from pipeline.errors import PipelineError
 from pipeline.evaluate import compute_logits, images_to_tensor, loss_and_accuracy
 from pipeline.models import build_model, count_parameters, model_class
+from pipeline.optim import DISPLAY_NAMES, build_optimizer, build_schedule
 from pipeline.provenance import git_commit, library_versions
 
 
@@ -34,9 +40,9 @@ from pipeline.provenance import git_commit, library_versions
 class TrainResult:
     model: nn.Module
     params: dict[str, Any]
-    metrics: dict[str, float]  # final: test_accuracy, test_loss, train_loss, wall_time_s, ...
+    metrics: dict[str, float]  # final: test_accuracy, test_loss, [val_...], train_loss, wall_time_s, ...
     history: list[dict[str, float]]  # one row per evaluation (epoch end, or max-steps end)
-    example_input: np.ndarray  # two test images, float32 (2, 1, 28, 28): for model signatures
+    example_input: np.ndarray  # two test (else validation) images, float32 (2, 1, 28, 28): for model signatures
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -92,11 +98,15 @@ class Trainer:
     shuffle: torch.Generator  # draws each epoch's order; seeded, so a run repeats exactly
     train_x: torch.Tensor
     train_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
+    test_x: torch.Tensor | None  # None when config.test_eval is "never": the test set is not even loaded
+    test_y: torch.Tensor | None
     steps_per_epoch: int
     total_steps: int
     params: dict[str, Any]
+    schedule: torch.optim.lr_scheduler.LRScheduler | None = None
+    augment: torch.Generator | None = None  # draws crops and flips, apart from `shuffle`
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
     step: int = 0
     epoch: int = 0
     images_seen: int = 0
@@ -131,26 +141,36 @@ def setup(config: TrainConfig, world: distributed.World | None = None) -> Traine
     model_class(config.model)  # fail on a bad name before loading data
     global_batch = distributed.global_batch_size(config.batch_size, world, config.per_rank_batch)
     train_split = load_split(config.data_dir, "train")
-    test_split = load_split(config.data_dir, "test")
+    if config.val_size >= len(train_split):
+        raise PipelineError(
+            f"val_size {config.val_size:,} leaves no training images (the training split has {len(train_split):,})"
+        )
+    # Only the test set's own final figure may see it: inside a tuning trial it is not loaded.
+    test_split = load_split(config.data_dir, "test") if config.test_eval != "never" else None
     if not config.allow_other_data:
         check_known(train_split, config.data_dir)
-        check_known(test_split, config.data_dir)
+        if test_split is not None:
+            check_known(test_split, config.data_dir)
+    digests = {**train_split.digests, **(test_split.digests if test_split else {})}
     world = distributed.init(world, device)
 
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
-    # fused: one kernel for the whole Adam update instead of a few per parameter tensor.
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+    optimizer = build_optimizer(config, model.parameters())
     precision = resolve_precision(config.precision, device)
     model = distributed.wrap(model, world, device)
 
-    # Decoded once; every batch is an index into these tensors.
-    train_x = images_to_tensor(train_split.images, device)
-    train_y = torch.from_numpy(train_split.labels).to(device)
-    test_x = images_to_tensor(test_split.images, device)
-    test_y = torch.from_numpy(test_split.labels).to(device)
+    # Decoded once; every batch is an index into these tensors. The validation images are the
+    # LAST val_size of the training file, so a split is the same whatever the seed.
+    fit = len(train_split) - config.val_size
+    train_x = images_to_tensor(train_split.images[:fit], device)
+    train_y = torch.from_numpy(train_split.labels[:fit]).to(device)
+    val_x = images_to_tensor(train_split.images[fit:], device) if config.val_size else None
+    val_y = torch.from_numpy(train_split.labels[fit:]).to(device) if config.val_size else None
+    test_x = images_to_tensor(test_split.images, device) if test_split else None
+    test_y = torch.from_numpy(test_split.labels).to(device) if test_split else None
 
     steps_per_epoch = -(-len(train_y) // global_batch)
     total_steps = config.epochs * steps_per_epoch
@@ -160,11 +180,11 @@ def setup(config: TrainConfig, world: distributed.World | None = None) -> Traine
         **{k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
         "device": str(device),
         "precision": precision,
-        "optimizer": "Adam",
+        "optimizer": DISPLAY_NAMES[config.optimizer],
         "loss": "cross_entropy",
         "num_parameters": count_parameters(distributed.unwrap(model)),
         "train_size": len(train_y),
-        "test_size": len(test_y),
+        "test_size": len(test_y) if test_y is not None else 0,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "num_threads": torch.get_num_threads(),
@@ -172,7 +192,7 @@ def setup(config: TrainConfig, world: distributed.World | None = None) -> Traine
         "class_names": list(CLASS_NAMES),
         **library_versions(),
         "git_commit": git_commit(),
-        **{f"sha256_{name}": digest for name, digest in {**train_split.digests, **test_split.digests}.items()},
+        **{f"sha256_{name}": digest for name, digest in digests.items()},
     }
     return Trainer(
         config=config,
@@ -192,6 +212,12 @@ def setup(config: TrainConfig, world: distributed.World | None = None) -> Traine
         world=world,
         global_batch=global_batch,
         scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+        schedule=build_schedule(config, optimizer, total_steps),
+        # Its own stream, seeded apart from the shuffle's, so turning augmentation on or off
+        # leaves the batch order of a seed unchanged.
+        augment=torch.Generator().manual_seed(config.seed + 1) if config.crop_pad or config.hflip else None,
+        val_x=val_x,
+        val_y=val_y,
     )
 
 
@@ -205,19 +231,23 @@ def distributed_params(world: distributed.World, global_batch: int) -> dict[str,
 
 
 def optimizer_step(t: Trainer, loss: torch.Tensor) -> None:
-    """Backward and update; with fp16 through the gradient scaler, which skips steps with inf/NaN gradients."""
+    """Backward and update, then the lr schedule; with fp16 through the gradient scaler, which
+    skips steps with inf/NaN gradients."""
     t.optimizer.zero_grad(set_to_none=True)
     if t.scaler is None:
         loss.backward()
         t.optimizer.step()
-        return
-    t.scaler.scale(loss).backward()
-    t.scaler.step(t.optimizer)
-    t.scaler.update()
+    else:
+        t.scaler.scale(loss).backward()
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+    if t.schedule is not None:
+        t.schedule.step()
 
 
 def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, float]:
-    """One epoch (or what is left of it, or of max_steps), then one evaluation on the test set.
+    """One epoch (or what is left of it, or of max_steps), then the evaluations (validation, test)
+    it calls for.
 
     Calls on_checkpoint every `checkpoint_every` steps within the epoch and once at its end.
     Returns the epoch's metrics.
@@ -239,9 +269,12 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
     for batch in batches[t.epoch_step :]:
         # Every rank draws the same global batch (same seed, same epoch) and trains its own shard.
         index = distributed.shard(batch, t.world).to(t.device)
+        images = t.train_x[index]
+        if t.augment is not None:
+            images = augment_batch(images, config.crop_pad, config.hflip, t.augment)
         with torch.autocast(t.device.type, dtype=autocast_dtype, enabled=t.precision in AUTOCAST_DTYPES):
-            logits = model(t.train_x[index].contiguous(memory_format=t.layout))
-        loss = F.cross_entropy(logits.float(), t.train_y[index])
+            logits = model(images.contiguous(memory_format=t.layout))
+        loss = F.cross_entropy(logits.float(), t.train_y[index], label_smoothing=config.label_smoothing)
         if t.world.distributed:
             # DDP averages the ranks' gradients; weighting each shard by its size makes that the
             # gradient of the whole batch's mean loss even when the batch doesn't split evenly.
@@ -274,8 +307,13 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
 
     metrics = {"train_loss": t.epoch_loss / steps_this_epoch}
     if t.world.is_main:  # evaluated once, by rank 0, not once per rank
-        evaluated = compute_logits(distributed.unwrap(model), t.test_x, config.eval_batch_size)
-        metrics.update(loss_and_accuracy(evaluated, t.test_y))
+        evaluated = distributed.unwrap(model)
+        if t.val_x is not None:
+            metrics.update(
+                loss_and_accuracy(compute_logits(evaluated, t.val_x, config.eval_batch_size), t.val_y, "val")
+            )
+        if config.test_eval == "epoch" or (config.test_eval == "end" and t.done):
+            metrics.update(loss_and_accuracy(compute_logits(evaluated, t.test_x, config.eval_batch_size), t.test_y))
     t.epoch_step = 0
     t.history.append({"epoch": t.epoch, "step": t.step, **metrics})
     for cb in callbacks:
@@ -305,6 +343,8 @@ def capture_state(t: Trainer) -> dict[str, Any]:
         "shuffle": t.shuffle.get_state(),
         "epoch_shuffle": t.epoch_shuffle,
     }
+    if t.augment is not None:
+        rng["augment"] = t.augment.get_state()
     if t.device.type == "cuda":
         rng["cuda"] = torch.cuda.get_rng_state(t.device)
     return {
@@ -312,6 +352,7 @@ def capture_state(t: Trainer) -> dict[str, Any]:
         "total_steps": t.total_steps,
         "model": distributed.unwrap(t.model).state_dict(),
         "optimizer": t.optimizer.state_dict(),
+        "schedule": t.schedule.state_dict() if t.schedule is not None else None,
         "rng": rng,
         "step": t.step,
         "epoch": t.epoch,
@@ -335,6 +376,8 @@ def restore_state(t: Trainer, state: dict[str, Any]) -> None:
         )
     distributed.unwrap(t.model).load_state_dict(state["model"])
     t.optimizer.load_state_dict(state["optimizer"])
+    if t.schedule is not None:
+        t.schedule.load_state_dict(state["schedule"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = rng["numpy"]
@@ -342,6 +385,8 @@ def restore_state(t: Trainer, state: dict[str, Any]) -> None:
     random.setstate(rng["python"])
     t.shuffle.set_state(rng["shuffle"])
     t.epoch_shuffle = rng["epoch_shuffle"]
+    if t.augment is not None:
+        t.augment.set_state(rng["augment"])
     if "cuda" in rng and t.device.type == "cuda":
         torch.cuda.set_rng_state(rng["cuda"], t.device)
     for name in ("step", "epoch", "epoch_step", "epoch_loss", "window_loss", "window_steps", "images_seen"):
@@ -369,7 +414,7 @@ def fit(t: Trainer, callbacks: list[TrainCallback] = ()) -> TrainResult:
     if t.world.distributed:
         final.update(rank_throughput(t))
         distributed.shutdown(t.world)
-    example = t.test_x[:2].cpu().numpy()
+    example = next(x for x in (t.test_x, t.val_x, t.train_x) if x is not None)[:2].cpu().numpy()
     model = distributed.unwrap(t.model)
     result = TrainResult(model=model, params=t.params, metrics=final, history=t.history, example_input=example)
     for cb in callbacks:

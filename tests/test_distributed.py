@@ -15,8 +15,8 @@ import torch
 
 from pipeline import cli_args, tracking
 from pipeline.cli import cli
-from pipeline.config import TrainConfig
-from pipeline.distributed import World, global_batch_size, shard, torchrun_command
+from pipeline.config import TrainConfig, train_config
+from pipeline.distributed import World, global_batch_size, shard, torchrun_command, train_flags
 from pipeline.errors import PipelineError
 from pipeline.train import shuffled_batches
 
@@ -76,8 +76,17 @@ def test_torchrun_command_carries_every_setting_back_to_pipeline_train(tmp_path)
     args = command[command.index("train") + 1 :]
     params = cli.commands["train"].make_context("train", args).params  # the options the ranks will parse
     launcher = {name: params.pop(name) for name in ("resume", "nproc", "reuse", "experiment")}
-    assert cli_args.train_config(**params) == config
+    assert cli_args.config_from_options(**params) == config
     assert launcher == {"resume": None, "nproc": 1, "reuse": False, "experiment": "exp"}  # the ranks don't launch
+    # A recipe's model: the ranks apply the recipe again, so a setting typed back to the chapter's
+    # value (Adam, no flips) must still reach them, and one the recipe sets must not be repeated.
+    recipe = train_config("cnn_plus", optimizer="adam", hflip=False, val_size=500, data_dir=tmp_path)
+    args = train_flags(recipe)
+    assert "--optimizer" in args and "--no-hflip" in args and "--crop-pad" not in args
+    params = cli.commands["train"].make_context("train", args).params
+    for name in ("resume", "nproc", "reuse", "experiment"):
+        params.pop(name)
+    assert cli_args.config_from_options(**params) == recipe
 
 
 def store_env(tmp_path: Path) -> dict[str, str]:

@@ -23,6 +23,9 @@ class BenchConfig:
     # Baseline and ours are measured in alternation this many times and the medians compared:
     # on a shared 2-core VM a single pair can be 20 % off either way.
     rounds: int = 0  # 0 = by mode
+    # The recipe against the chapter CNN: full trainings of both, one pair per seed (full mode);
+    # 0 = quick mode's extrapolation from a few steps of each (no accuracy).
+    recipe_seeds: int = -1  # -1 = by mode: 3 in full mode, 0 with --quick
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -35,6 +38,8 @@ class BenchConfig:
             self.inference_batches = (1, 256)
         if not self.rounds:
             self.rounds = 1 if self.quick else 3
+        if self.recipe_seeds < 0:
+            self.recipe_seeds = 0 if self.quick else 3
 
 
 def config_dict(cfg: BenchConfig) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import torch
 from pipeline.bench.config import BenchConfig, config_dict
 from pipeline.bench.inference import bench_inference, bench_onnxruntime_levers, inference_models
 from pipeline.bench.machine import bench_memory, gemm_limits, machine
+from pipeline.bench.recipe import bench_recipe
 from pipeline.bench.report import headline, verdicts
 from pipeline.bench.training import bench_data_feeding, bench_levers, bench_tracking_overhead, bench_training
 
@@ -98,6 +99,8 @@ def run_benchmarks(
     results["onnxruntime_levers"] = bench_onnxruntime_levers(cfg, model, class_names, workdir)
     progress("peak memory")
     results["memory"] = bench_memory(cfg, paths["onnxruntime fp32"])
+    progress("the faster recipe (cnn_plus) vs the chapter CNN's 5-epoch training")
+    results["recipe"] = bench_recipe(cfg, progress=lambda message: progress(f"  {message}"))
     if cfg.full_job:
         progress("the default 5-epoch job, end to end (mlflow run)")
         results["full_job"] = time_full_job()
