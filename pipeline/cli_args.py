@@ -115,8 +115,8 @@ QUANTIZE = click.option(
     "--quantize",
     type=click.Choice(["none", "int8"]),
     default="none",
-    help="int8: also make a static int8 (QDQ) model calibrated on training images; it must stay "
-    "within 0.5 accuracy points of the torch model.",
+    help="int8: also make a static int8 model (QOperator where the CPU has VNNI or AMX, else QDQ), "
+    "calibrated on training images; it must stay within 0.5 accuracy points of the torch model.",
 )
 
 

@@ -50,15 +50,30 @@ FOLDED_LAYERS_KEY = "folded_layers"
 FOLD_BY_DEFAULT = True
 
 
+QUANT_FORMATS = ("auto", "qoperator", "qdq")
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """Static int8 quantisation: QDQ format, calibrated on a seeded sample of training images."""
+    """Static int8 quantisation, calibrated on a seeded sample of training images."""
 
     calibration_images: int = 500
     calibration_batch: int = 100
     seed: int = 0
     # Per-channel weight scales keep the conv filters' very different ranges apart.
     per_channel: bool = True
+    # auto: QOperator (QLinearConv, MatMulInteger: onnxruntime's fused int8 kernels) where the CPU
+    # has VNNI or AMX to run them; else QDQ, the portable form, which any runtime can fuse or not.
+    format: str = "auto"
+
+    def resolved_format(self) -> str:
+        if self.format not in QUANT_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(QUANT_FORMATS)}, got {self.format!r}")
+        if self.format != "auto":
+            return self.format
+        from pipeline import hardware
+
+        return "qoperator" if hardware.cpu_features().vnni else "qdq"
 
 
 def default_output_name(model_name: str) -> str:
@@ -344,7 +359,8 @@ def quantize_int8(
     calibration_inputs: np.ndarray,
     config: QuantizeConfig = QuantizeConfig(),
 ) -> Path:
-    """Static int8 QDQ quantisation of an exported model; keeps its metadata. Returns output_path."""
+    """Static int8 quantisation of an exported model (QOperator or QDQ: config.resolved_format());
+    keeps its metadata. Returns output_path."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -366,6 +382,7 @@ def quantize_int8(
             return next(self.batches, None)
 
     fp32_path, output_path = Path(fp32_path), Path(output_path)
+    quant_format = config.resolved_format()
     metadata = read_metadata(fp32_path)
     with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
         # Shape inference and graph optimisation first, as onnxruntime's quantisation guide asks.
@@ -376,15 +393,17 @@ def quantize_int8(
             str(prepared),
             str(quantized),
             Batches(),
-            quant_format=QuantFormat.QDQ,
+            quant_format=QuantFormat.QOperator if quant_format == "qoperator" else QuantFormat.QDQ,
             per_channel=config.per_channel,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
         )
         proto = onnx.load_model(str(quantized))
+    form = "QOperator" if quant_format == "qoperator" else "QDQ"
+    weights = "per-channel" if config.per_channel else "per-tensor"
     metadata[QUANTIZATION_KEY] = (
-        f"int8 static QDQ (uint8 activations, int8 {'per-channel' if config.per_channel else 'per-tensor'} "
-        f"weights), calibrated on {len(calibration_inputs)} training images, seed {config.seed}"
+        f"int8 static {form} (uint8 activations, int8 {weights} weights), "
+        f"calibrated on {len(calibration_inputs)} training images, seed {config.seed}"
     )
     onnx.helper.set_model_props(proto, metadata)
     return save_checked(proto, output_path)

@@ -138,10 +138,11 @@ def test_resolve_output_puts_a_model_file_in_a_directory(tmp_path):
     assert export.int8_path_for(tmp_path / "x.onnx") == tmp_path / "x.int8.onnx"
 
 
-def test_int8_model_runs_keeps_metadata_and_its_accuracy_check_is_reported(exported):
+@pytest.mark.parametrize("quant_format", ["qdq", "qoperator"])
+def test_int8_model_runs_keeps_metadata_and_its_accuracy_check_is_reported(exported, quant_format):
     path, model, class_names, run = exported
     train, test = load_split(run["data_dir"], "train"), load_split(run["data_dir"], "test")
-    config = export.QuantizeConfig(calibration_images=200)
+    config = export.QuantizeConfig(calibration_images=200, format=quant_format)
     calibration = export.calibration_sample(train.images, config)
     assert calibration.shape == (200, 1, 28, 28) and calibration.dtype == np.float32 and calibration.max() <= 1
     np.testing.assert_array_equal(calibration, export.calibration_sample(train.images, config))  # seeded
@@ -149,10 +150,13 @@ def test_int8_model_runs_keeps_metadata_and_its_accuracy_check_is_reported(expor
     int8_path = export.quantize_int8(path, export.int8_path_for(path), calibration, config)
     assert int8_path.name == "cnn.int8.onnx" and int8_path.parent == path.parent
     proto = onnx.load_model(str(int8_path))
-    assert {"QuantizeLinear", "DequantizeLinear"} <= {node.op_type for node in proto.graph.node}
+    ops = Counter(node.op_type for node in proto.graph.node)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(ops)
+    # QOperator: the convolutions are int8 operators themselves; QDQ: float ones between Q/DQ pairs.
+    assert ("QLinearConv" in ops) == (quant_format == "qoperator") and ("Conv" in ops) == (quant_format == "qdq")
     metadata = export.read_metadata(int8_path)
     assert {k: v for k, v in metadata.items() if k != export.QUANTIZATION_KEY} == export.read_metadata(path)
-    assert "int8" in metadata[export.QUANTIZATION_KEY]
+    assert f"int8 static {'QOperator' if quant_format == 'qoperator' else 'QDQ'}" in metadata[export.QUANTIZATION_KEY]
     assert int8_path.stat().st_size < path.stat().st_size / 2
     logits = session(int8_path).run(None, {ONNX_INPUT_NAME: calibration[:3]})[0]
     assert logits.shape == (3, 10)
@@ -165,6 +169,20 @@ def test_int8_model_runs_keeps_metadata_and_its_accuracy_check_is_reported(expor
     assert check.passed, check.summary_lines()  # the synthetic classes are easy: int8 must keep them
     assert "per-class drop" in "\n".join(check.summary_lines())
     assert set(check.metrics()) == {"int8_test_accuracy", "int8_accuracy_drop_points", "int8_argmax_agreement"}
+
+
+def test_int8_format_follows_the_cpu(monkeypatch):
+    from pipeline import hardware
+
+    monkeypatch.setattr(hardware, "cpu_features", lambda: hardware.CpuFeatures(avx2=True))
+    assert export.QuantizeConfig().resolved_format() == "qdq"  # no VNNI: nothing for fused int8 kernels to win
+    monkeypatch.setattr(hardware, "cpu_features", lambda: hardware.CpuFeatures(avx2=True, avx_vnni=True))
+    assert export.QuantizeConfig().resolved_format() == "qoperator"
+    monkeypatch.setattr(hardware, "cpu_features", lambda: hardware.CpuFeatures(amx_int8=True))
+    assert export.QuantizeConfig().resolved_format() == "qoperator"
+    assert export.QuantizeConfig(format="qdq").resolved_format() == "qdq"  # asked for: kept
+    with pytest.raises(ValueError, match="format must be one of"):
+        export.QuantizeConfig(format="int4").resolved_format()
 
 
 # ----------------------------------------------------------------- folding
