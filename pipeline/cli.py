@@ -615,6 +615,13 @@ def ui_url_command(experiment: str | None, host: str, port: int) -> None:
     help="avx2: cap torch's kernels and `auto` choices at AVX2, to see what an AVX2-only CPU would measure "
     "(onnxruntime has no such cap).",
 )
+@click.option(
+    "--recipe-seeds",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Full trainings of cnn_plus and of the chapter's CNN, one pair per seed, for the recipe's accuracy "
+    "and time; 0 extrapolates the time from a few steps and measures no accuracy.  [default: 3, 0 with --quick]",
+)
 @cli_args.DATA_DIR
 def bench_command(
     quick: bool,
@@ -623,10 +630,13 @@ def bench_command(
     full_job: bool | None,
     output_dir: Path,
     max_cpu_isa: str,
+    recipe_seeds: int | None,
     data_dir: Path,
 ) -> None:
     """Benchmark our stages against the chapter's own loop, side by side; PASS/MISS per target."""
-    job = jobs.run_bench(quick, run_id, steps, full_job, output_dir, data_dir, max_cpu_isa, progress=echo_err)
+    job = jobs.run_bench(
+        quick, run_id, steps, full_job, output_dir, data_dir, max_cpu_isa, recipe_seeds, progress=echo_err
+    )
     click.echo(job.report)
     click.echo(f"Wrote {job.written[0]} and {job.written[1]}; logged to experiment 'benchmarks'.")
 

@@ -196,8 +196,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "weight_decay": 0.05,
         "schedule": "onecycle",
         "label_smoothing": 0.1,
-        "crop_pad": 2,
-        "hflip": True,
+        # No crop or flip: in 5 epochs both cost validation accuracy (the ablation in the README).
     },
 }
 

@@ -606,6 +606,7 @@ def run_bench(
     output_dir: Path,
     data_dir: Path,
     max_cpu_isa: str = "native",
+    recipe_seeds: int | None = None,
     progress: Callable[[str], Any] = lambda message: None,
 ) -> BenchJob:
     """Every benchmark, side by side with its baseline; JSON + Markdown in `output_dir`, logged to 'benchmarks'."""
@@ -618,7 +619,11 @@ def run_bench(
 
     quiet_known_warnings()
     config = bench.BenchConfig(
-        quick=quick, data_dir=data_dir, train_steps=steps or 0, full_job=(not quick) if full_job is None else full_job
+        quick=quick,
+        data_dir=data_dir,
+        train_steps=steps or 0,
+        full_job=(not quick) if full_job is None else full_job,
+        recipe_seeds=-1 if recipe_seeds is None else recipe_seeds,
     )
     model, class_names, model_source = _bench_model(run_id, config)
     progress(f"Benchmarking inference on {model_source}.")

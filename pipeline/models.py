@@ -8,6 +8,7 @@ its own, is one entry of pipeline.config.RECIPES.
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -127,26 +128,29 @@ def conv_bn_relu(in_channels: int, out_channels: int, pool: bool) -> nn.Sequenti
 
 @register("cnn_plus")
 class FashionCNNPlus(nn.Module):
-    """Three padded conv/BN/ReLU blocks (32, 64, 128 channels; max-pool after the first two),
-    global average pooling, one linear layer: 94k parameters against the chapter CNN's 1.5M.
+    """The chapter CNN's two conv blocks, both padded (28 -> 14 -> 7) and without conv bias, then
+    one hidden layer of 256 with a ReLU and dropout: 0.83M parameters against the chapter CNN's 1.5M.
 
-    Trained with its own recipe (pipeline.config.RECIPES["cnn_plus"]). The per-image cost of a
-    training step is close to the chapter CNN's: the third block runs at 7x7 and replaces the
-    CNN's 2304x600 linear layer. At export, every conv absorbs its batch norm.
+    Chosen on the validation split (README, "A faster recipe"): a third conv block with global
+    average pooling instead of the hidden layer trained slower and reached less in 5 epochs.
+    Trained with its own recipe (pipeline.config.RECIPES["cnn_plus"]). At export, every conv
+    absorbs its batch norm.
     """
 
-    widths: tuple[int, ...] = (32, 64, 128)
+    widths: tuple[int, ...] = (32, 64)
+    hidden: int = 256
+    dropout: float = 0.25
 
     def __init__(self, input_shape: tuple[int, int, int] = INPUT_SHAPE, num_classes: int = 10):
         super().__init__()
         self.input_shape = tuple(input_shape)
         channels = [input_shape[0], *self.widths]
-        last = len(self.widths) - 1
-        self.features = nn.Sequential(
-            *(conv_bn_relu(channels[i], channels[i + 1], pool=i < last) for i in range(len(self.widths)))
+        self.features = nn.Sequential(*(conv_bn_relu(c_in, c_out, pool=True) for c_in, c_out in pairwise(channels)))
+        with torch.no_grad():  # the flat width from the blocks themselves, as FashionCNN's fc1
+            flat = self.features(torch.zeros(1, *input_shape))[0].numel()
+        self.classifier = nn.Sequential(
+            nn.Linear(flat, self.hidden), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, num_classes)
         )
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels[-1], num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.pool(self.features(x)).flatten(1))
+        return self.classifier(self.features(x).flatten(1))

@@ -48,11 +48,11 @@ def test_models_print_like_the_chapter(name, listing):
 
 def test_registry_and_unknown_name():
     assert set(MODELS) >= {"dnn", "cnn"}
-    with pytest.raises(PipelineError, match="known models: cnn, dnn"):
+    with pytest.raises(PipelineError, match="known models: cnn, cnn_plus, dnn"):
         build_model("resnet")
 
 
-@pytest.mark.parametrize("name", ["dnn", "cnn"])
+@pytest.mark.parametrize("name", ["dnn", "cnn", "cnn_plus"])
 @pytest.mark.parametrize("batch", [1, 7])
 def test_forward_shapes(name, batch):
     model = build_model(name).eval()

@@ -38,8 +38,8 @@ def test_recipe_fills_only_what_was_not_given():
     config = train_config("cnn_plus")
     assert all(getattr(config, k) == v for k, v in recipe.items())
     # An explicit value wins, even one equal to the chapter's default; None means "not given".
-    given = train_config("cnn_plus", epochs=2, batch_size=TrainConfig.batch_size, hflip=False, lr=None)
-    assert (given.epochs, given.batch_size, given.hflip, given.lr) == (2, 100, False, recipe["lr"])
+    given = train_config("cnn_plus", epochs=2, batch_size=TrainConfig.batch_size, hflip=True, lr=None)
+    assert (given.epochs, given.batch_size, given.hflip, given.lr) == (2, 100, True, recipe["lr"])
     with pytest.raises(TypeError, match="unknown TrainConfig fields: epoch"):
         train_config("cnn_plus", epoch=3)
 
@@ -68,12 +68,12 @@ def test_cli_applies_the_recipe_only_to_options_left_out(monkeypatch):
         monkeypatch,
         ["--model", "cnn"],
         ["--model", "cnn_plus"],
-        ["--model", "cnn_plus", "--batch-size", "100", "--no-hflip", "--schedule", "constant"],
+        ["--model", "cnn_plus", "--batch-size", "100", "--hflip", "--schedule", "constant"],
         ["--model", "cnn", "--hflip", "--crop-pad", "1"],
     )
     assert plain == TrainConfig(model="cnn")
     assert recipe == train_config("cnn_plus")
-    assert (overridden.batch_size, overridden.hflip, overridden.schedule) == (100, False, "constant")
+    assert (overridden.batch_size, overridden.hflip, overridden.schedule) == (100, True, "constant")
     assert overridden.optimizer == RECIPES["cnn_plus"]["optimizer"]  # what was not given stays the recipe's
     assert (chapter_with_flip.hflip, chapter_with_flip.crop_pad, chapter_with_flip.lr) == (True, 1, 0.001)
 
@@ -168,7 +168,7 @@ def test_cnn_plus_trains_exports_folded_and_passes_parity(synthetic_data_dir, tm
     )
     model = result.model.eval()
     folded, report = fold_for_inference(model)
-    assert len(report.conv_bn) == 3  # every conv absorbed its batch norm
+    assert len(report.conv_bn) == len(model.widths)  # every conv absorbed its batch norm
     x = torch.rand(8, 1, 28, 28)
     with torch.no_grad():
         assert torch.allclose(folded(x), model(x), atol=1e-5)
