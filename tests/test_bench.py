@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from pipeline import hardware
@@ -272,3 +273,24 @@ def test_recipe_table_and_verdicts_from_full_trainings():
     rendered = render_table(table, results)
     assert "| cnn_plus | r | 5 | 3 | 93.10% ± 0.10% | 76 s (median) |" in rendered
     assert "| cnn | r | 5 | 3 | 91.00% ± 0.10% | 80 s (median) |" in rendered
+
+
+def test_fp32_limit_is_the_better_library_unless_torch_is_capped(monkeypatch):
+    from pipeline.bench import machine
+
+    monkeypatch.setattr(machine, "gemm_gflops", lambda dtype: 100.0 if dtype == torch.float32 else 400.0)
+    monkeypatch.setattr(machine, "ort_gemm_gflops", lambda: 180.0)
+    monkeypatch.setattr(hardware, "cpu_features", lambda: WITH_BF16)
+    monkeypatch.delenv(hardware.MAX_ISA_ENV, raising=False)
+    limits = machine.gemm_limits()
+    assert (limits["fp32_gemm_gflops"], limits["fp32_torch_mm_gflops"], limits["bf16_gemm_gflops"]) == (180, 100, 400)
+    monkeypatch.setenv(hardware.MAX_ISA_ENV, "avx2")  # onnxruntime is not capped: torch's own figure is the limit
+    monkeypatch.setattr(hardware, "cpu_features", lambda: AVX2_ONLY)
+    limits = machine.gemm_limits()
+    assert limits["fp32_gemm_gflops"] == 100 and limits["bf16_gemm_gflops"] is None
+
+
+def test_onnxruntime_gemm_ceiling_is_measured():
+    from pipeline.bench.flops import ort_gemm_gflops
+
+    assert ort_gemm_gflops(size=256, seconds=0.05) > 0.1

@@ -42,17 +42,54 @@ def forward_flops(model: nn.Module) -> int:
     return total
 
 
-def gemm_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 1.0) -> float:
-    """The machine's matmul ceiling: GFLOP/s of a large square torch.mm, best of repeated calls.
+def best_gflops(call, flops: float, seconds: float) -> float:
+    """GFLOP/s of `call`'s fastest run within `seconds`, after one warm-up call (kernel choice).
 
-    Best, not median: the ceiling is what the cores can do when nothing else is running.
+    Best, not median: a ceiling is what the cores can do when nothing else is running.
     """
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
-    torch.mm(a, b)  # oneDNN/MKL pick their kernel on the first call
+    call()
     best, started = float("inf"), time.perf_counter()
     while time.perf_counter() - started < seconds:
         tick = time.perf_counter()
-        torch.mm(a, b)
+        call()
         best = min(best, time.perf_counter() - tick)
-    return 2 * size**3 / best / 1e9
+    return flops / best / 1e9
+
+
+def gemm_gflops(dtype: torch.dtype = torch.float32, size: int = 2048, seconds: float = 1.0) -> float:
+    """The machine's matmul ceiling as torch reaches it: a large square torch.mm (MKL or oneDNN)."""
+    a = torch.randn(size, size).to(dtype)
+    b = torch.randn(size, size).to(dtype)
+    return best_gflops(lambda: torch.mm(a, b), 2 * size**3, seconds)
+
+
+def ort_gemm_gflops(size: int = 2048, seconds: float = 1.0) -> float:
+    """The same fp32 matmul in onnxruntime (its own MLAS kernels), through the project's session factory.
+
+    MKL, behind torch.mm, takes slower code paths on some CPUs (AMD's among them) than MLAS does,
+    so torch's figure alone can sit below what onnxruntime's convolutions reach.
+    """
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pipeline.onnx_contract import open_session
+
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("b", TensorProto.FLOAT, (size, size), rng.standard_normal((size, size), np.float32))
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "gemm",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, (size, size))],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, (size, size))],
+        [weight],
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "gemm.onnx"
+        onnx.save_model(helper.make_model(graph), str(path))
+        session = open_session(path)
+    a = rng.standard_normal((size, size), np.float32)
+    return best_gflops(lambda: session.run(None, {"a": a}), 2 * size**3, seconds)
