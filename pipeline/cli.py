@@ -234,7 +234,7 @@ def run_command(quantize: str, reuse: bool, register: bool, experiment: str | No
     "--retrain-best",
     is_flag=True,
     help="Then train the best trial's settings on all training images and evaluate that model on the test "
-    "set, once, in a run nested under the study's.",
+    "set, once, in a run nested under the study's; export it, check parity and register it (alias candidate).",
 )
 @cli_args.ALLOW_OTHER_DATA
 @cli_args.DATA_DIR
