@@ -549,6 +549,7 @@ def run_bench(
     data_dir: Path,
     max_cpu_isa: str = "native",
     progress: Callable[[str], Any] = lambda message: None,
+    timing_s: float = 0.0,
 ) -> BenchJob:
     """Every benchmark, side by side with its baseline; JSON + Markdown in `output_dir`, logged to 'benchmarks'."""
     if max_cpu_isa == "avx2":
@@ -560,7 +561,11 @@ def run_bench(
 
     quiet_known_warnings()
     config = bench.BenchConfig(
-        quick=quick, data_dir=data_dir, train_steps=steps or 0, full_job=(not quick) if full_job is None else full_job
+        quick=quick,
+        data_dir=data_dir,
+        train_steps=steps or 0,
+        full_job=(not quick) if full_job is None else full_job,
+        timing_s=timing_s,
     )
     model, class_names, model_source = _bench_model(run_id, config)
     progress(f"Benchmarking inference on {model_source}.")

@@ -23,6 +23,9 @@ class BenchConfig:
     # Baseline and ours are measured in alternation this many times and the medians compared:
     # on a shared 2-core VM a single pair can be 20 % off either way.
     rounds: int = 0  # 0 = by mode
+    # Seconds each inference throughput figure is timed for (at least 5 calls each); 0 = by mode:
+    # 1 in quick mode, else 3 (2 for the onnxruntime levers).
+    timing_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -35,6 +38,12 @@ class BenchConfig:
             self.inference_batches = (1, 256)
         if not self.rounds:
             self.rounds = 1 if self.quick else 3
+        if self.timing_s < 0:
+            raise ValueError("timing_s must not be negative")
+
+    def timing_budget(self, full_mode_s: float) -> float:
+        """Seconds one throughput figure is timed for: the chosen timing_s, else by mode."""
+        return self.timing_s or (1.0 if self.quick else full_mode_s)
 
 
 def config_dict(cfg: BenchConfig) -> dict[str, Any]:
