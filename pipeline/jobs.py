@@ -608,6 +608,7 @@ def run_bench(
     max_cpu_isa: str = "native",
     recipe_seeds: int | None = None,
     progress: Callable[[str], Any] = lambda message: None,
+    timing_s: float = 0.0,
 ) -> BenchJob:
     """Every benchmark, side by side with its baseline; JSON + Markdown in `output_dir`, logged to 'benchmarks'."""
     if max_cpu_isa == "avx2":
@@ -624,6 +625,7 @@ def run_bench(
         train_steps=steps or 0,
         full_job=(not quick) if full_job is None else full_job,
         recipe_seeds=-1 if recipe_seeds is None else recipe_seeds,
+        timing_s=timing_s,
     )
     model, class_names, model_source = _bench_model(run_id, config)
     progress(f"Benchmarking inference on {model_source}.")

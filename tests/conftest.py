@@ -19,6 +19,38 @@ from pipeline.idx import write_idx
 REPO = Path(__file__).resolve().parent.parent
 REAL_DATA_DIR = Path(os.environ.get("PIPELINE_DATA_DIR", REPO / "data"))
 
+# pyproject's addopts run the files on 2 pytest-xdist workers (--dist loadfile: a file runs whole on
+# one worker, so its module fixtures, e.g. test_server's one PostgreSQL + mlflow server, exist once).
+# Files are handed out in collection order (--no-loadscope-reorder), so the longest go first and
+# the short ones fill in at the end: both workers finish about together. Order within a file is kept.
+LONGEST_FIRST = (
+    "test_server.py",
+    "test_bench.py",
+    "test_durable.py",
+    "test_e2e.py",
+    "test_distributed.py",
+    "test_concurrent.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_configure(config):
+    """Each of N workers gets its share of the cores for torch (and the `pipeline` processes its tests
+    start): two workers with two OpenMP threads each on two cores spin-wait on each other, and every
+    torch step gets several times slower. A run without workers keeps torch's default."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
 
 def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Noise plus a bright 6x6 block whose position encodes the label: learnable in a few steps."""

@@ -26,6 +26,9 @@ class BenchConfig:
     # The recipe against the chapter CNN: full trainings of both, one pair per seed (full mode);
     # 0 = quick mode's extrapolation from a few steps of each (no accuracy).
     recipe_seeds: int = -1  # -1 = by mode: 3 in full mode, 0 with --quick
+    # Seconds each inference throughput figure is timed for (at least 5 calls each); 0 = by mode:
+    # 1 in quick mode, else 3 (2 for the onnxruntime levers).
+    timing_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
@@ -40,6 +43,12 @@ class BenchConfig:
             self.rounds = 1 if self.quick else 3
         if self.recipe_seeds < 0:
             self.recipe_seeds = 0 if self.quick else 3
+        if self.timing_s < 0:
+            raise ValueError("timing_s must not be negative")
+
+    def timing_budget(self, full_mode_s: float) -> float:
+        """Seconds one throughput figure is timed for: the chosen timing_s, else by mode."""
+        return self.timing_s or (1.0 if self.quick else full_mode_s)
 
 
 def config_dict(cfg: BenchConfig) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def bench_inference(cfg: BenchConfig, model: torch.nn.Module, onnx_paths: dict[s
     for label, path in onnx_paths.items():
         runners[label] = predictor_call(Predictor(path))
 
-    budget = 1.0 if cfg.quick else 3.0
+    budget = cfg.timing_budget(3.0)
     results: dict[str, Any] = {}
     for batch in cfg.inference_batches:
         row = {label: latency_stats(call, images, batch, budget) for label, call in runners.items()}
@@ -91,7 +91,7 @@ def bench_onnxruntime_levers(
         ("folded, graph optimisations off", folded, level.ORT_DISABLE_ALL, 0),
         ("folded, 1 intra-op thread", folded, level.ORT_ENABLE_ALL, 1),
     ]
-    budget = 1.0 if cfg.quick else 2.0
+    budget = cfg.timing_budget(2.0)
     runners = {
         label: predictor_call(Predictor(path, threads=threads, graph_optimization=optimisation))
         for label, path, optimisation, threads in variants
