@@ -25,7 +25,7 @@ VARIANTS = [
     ("  with a random crop (pad 1)", "cnn_plus", {"crop_pad": 1}),
     ("  with horizontal flips", "cnn_plus", {"hflip": True}),
     ("  without label smoothing", "cnn_plus", {"label_smoothing": 0.0}),
-    ("  batch 100 instead of 256", "cnn_plus", {"batch_size": 100}),
+    ("  batch 256 instead of 100", "cnn_plus", {"batch_size": 256}),
     (
         "  the chapter's optimizer (Adam 0.001, constant)",
         "cnn_plus",
