@@ -63,7 +63,7 @@ SEARCH_SPACES: dict[str, dict[str, Float | Int | Choice]] = {
     "cnn_plus": {
         "lr": Float(1e-3, 2e-2, log=True),
         "weight_decay": Float(1e-3, 0.3, log=True),
-        "batch_size": Choice((128, 256, 512)),
+        "batch_size": Choice((64, 100, 256)),
         "label_smoothing": Float(0.0, 0.2),
         "crop_pad": Int(0, 3),
         "hflip": Choice((False, True)),
