@@ -1050,7 +1050,12 @@ def model_run(run_id: str) -> str:
 # ----------------------------------------------------------------- hyperparameter search (pipeline tune)
 
 # How a trial's state ends its run: a pruned trial ran as asked until the pruner stopped it.
-TRIAL_RUN_STATUS = {"complete": "FINISHED", "pruned": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+TRIAL_RUN_STATUS = {
+    "complete": RunStatus.FINISHED,
+    "pruned": RunStatus.FINISHED,
+    "failed": RunStatus.FAILED,
+    "killed": RunStatus.KILLED,
+}
 
 
 def default_optuna_storage() -> str:
@@ -1065,12 +1070,17 @@ class MlflowTrialObserver(TrialObserver):
     """One run per trial, nested in the active (study) run: its params, per-epoch metrics and state."""
 
     def trial_started(self, number: int, params: dict[str, Any]) -> list[TrainCallback]:
-        mlflow.start_run(run_name=f"trial-{number}", nested=True, tags={"stage": TRIAL_STAGE, "trial": str(number)})
+        # Liveness as every run has it (child_run's, which a pair of hooks can't hold open), so a
+        # worker killed mid-trial leaves a run `pipeline runs --stale` finds.
+        tags = {"stage": TRIAL_STAGE, "trial": str(number), **_liveness_tags()}
+        active = mlflow.start_run(run_name=f"trial-{number}", nested=True, tags=tags)
+        self.run_id, self.heartbeat = active.info.run_id, Heartbeat(active.info.run_id)
         return [MlflowTrainCallback()]
 
     def trial_finished(self, number: int, state: str, value: float | None, metrics: dict[str, float]) -> None:
         mlflow.set_tag("trial_state", state)
-        mlflow.end_run(TRIAL_RUN_STATUS[state])
+        if (untold := _end_run(self.heartbeat, TRIAL_RUN_STATUS[state])) is not None:
+            raise server_lost(self.run_id, untold, marked=False) from None
 
 
 def log_study(settings: dict[str, Any], result: StudyResult) -> None:

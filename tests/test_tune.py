@@ -7,6 +7,8 @@ pruner must stop after its first epoch. Then the study is resumed, and retrained
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import optuna
 import pytest
@@ -72,6 +74,8 @@ def test_tiny_study_nested_runs_pruning_resume_and_no_test_set(study_config, loa
     # One nested run per trial, with its params, per-epoch validation metrics and its state.
     assert list(children["tags.mlflow.runName"]) == ["trial-0", "trial-1", "trial-2"]
     assert list(children["tags.trial_state"]) == ["complete", "complete", "pruned"]
+    assert list(children["status"]) == ["FINISHED"] * 3  # pruned trials ran as asked until stopped
+    assert (children["tags.pid"] == str(os.getpid())).all()  # liveness, as every run has: a dead worker's shows stale
     assert list(children["params.lr"].astype(float)) == [3e-3, 2e-3, 1e-9]
     client = mlflow.MlflowClient()
     per_epoch = [[m.step for m in client.get_metric_history(run_id, "val_accuracy")] for run_id in children["run_id"]]
