@@ -12,6 +12,7 @@ know their rank before torch is imported.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -160,6 +161,8 @@ def shutdown(world: World) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+        # Objects in reference cycles (DDP's hooks) may still hold the group; free them now.
+        gc.collect()
 
 
 def train_flags(config: TrainConfig) -> list[str]:

@@ -413,6 +413,9 @@ def fit(t: Trainer, callbacks: list[TrainCallback] = ()) -> TrainResult:
     }
     if t.world.distributed:
         final.update(rank_throughput(t))
+        # DDP's reducer holds the process group: drop the wrapper first, so that the group's gloo
+        # threads are joined in shutdown() and not during interpreter exit, where they can abort a rank.
+        t.model = distributed.unwrap(t.model)
         distributed.shutdown(t.world)
     example = next(x for x in (t.test_x, t.val_x, t.train_x) if x is not None)[:2].cpu().numpy()
     model = distributed.unwrap(t.model)
