@@ -44,6 +44,9 @@ def uv_command(args: list[str], settings: dict[str, list[str]]) -> list[str]:
     # that has the package at all.
     command = [sys.executable, "-m", "uv", "pip", "install", "--python", sys.executable]
     command += ["--index-strategy", "unsafe-best-match"]
+    # pip writes every module's bytecode at install time and uv does not: without this, a process
+    # run with PYTHONDONTWRITEBYTECODE (as here) compiles torch and mlflow from source at each start.
+    command += ["--compile-bytecode"]
     for name, flag in PASSED_ON.items():
         for value in settings.get(name, []):
             command += [flag, value]
