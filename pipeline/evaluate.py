@@ -181,14 +181,22 @@ def evaluate(
     class_names: Sequence[str],
     batch_size: int = 200,
     device: torch.device | str = "cpu",
+    logits: torch.Tensor | None = None,
 ) -> Evaluation:
-    """Evaluate `model` on uint8 images (N, H, W) with int labels (N,); see `Evaluation`."""
+    """Evaluate `model` on uint8 images (N, H, W) with int labels (N,); see `Evaluation`.
+
+    `logits`: the model's outputs on `images` if they were already computed (by training's last
+    evaluation, in `pipeline run`), so the test set is not run through the model again.
+    """
     if batch_size < 1:
         raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
     labels = np.asarray(labels, dtype=np.int64)
     check_fits(model, images, labels, class_names)
-    model = model.to(device)
-    logits = compute_logits(model, images_to_tensor(images, device), batch_size)
+    if logits is None:
+        model = model.to(device)
+        logits = compute_logits(model, images_to_tensor(images, device), batch_size)
+    elif len(logits) != len(labels):
+        raise PipelineError(f"{len(logits)} precomputed logits for {len(labels)} images")
     if logits.ndim != 2 or logits.shape[1] != len(class_names):
         raise PipelineError(
             f"the model outputs {tuple(logits.shape[1:])} scores per image but has {len(class_names)} class names"

@@ -23,6 +23,8 @@ from pipeline.config import DOWNLOAD_TIMEOUT_S, TrainConfig
 from pipeline.errors import PipelineError
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from pipeline.compare import Comparison
     from pipeline.data import DownloadReport
     from pipeline.evaluate import Evaluation
@@ -55,6 +57,27 @@ def download_data(data_dir: Path, source: str | None, timeout: float) -> Downloa
 
 
 @dataclass
+class InProcessModel:
+    """A model trained in this process, as `pipeline run` hands it to its next stages: not reloaded
+    from the store, and run over the test set once (by training's last evaluation), not once per stage."""
+
+    model: Any  # torch.nn.Module
+    class_names: list[str]
+    test_logits: Any  # torch.Tensor (test images, classes) on the CPU; None until some stage computes them
+
+    def __post_init__(self) -> None:
+        self.model = self.model.cpu()  # where evaluation, export and parity run
+
+    def logits_for(self, images: np.ndarray, batch_size: int) -> Any:
+        """The model's test-set logits, computed on first use."""
+        from pipeline.evaluate import compute_logits, images_to_tensor
+
+        if self.test_logits is None or len(self.test_logits) != len(images):
+            self.test_logits = compute_logits(self.model, images_to_tensor(images), batch_size)
+        return self.test_logits
+
+
+@dataclass
 class TrainJob:
     run_id: str
     model_name: str
@@ -63,6 +86,7 @@ class TrainJob:
     reused: bool = False  # `reuse`: an earlier run had trained the same way; nothing was trained
     resumed_from_step: int | None = None
     job_run_id: str | None = None  # the run this job logged into; not run_id when the training was reused
+    in_process: InProcessModel | None = field(default=None, repr=False)  # None when reused
 
     def __post_init__(self) -> None:
         self.job_run_id = self.job_run_id or self.run_id
@@ -187,7 +211,8 @@ def _fit_and_log(t, callback, run_id: str) -> TrainJob:
     model_uri = tracking.log_torch_model(
         result.model, result.example_input, result.params["class_names"], step=int(result.metrics["steps"])
     )
-    return TrainJob(run_id, result.params["model"], model_uri, result.metrics)
+    trained = InProcessModel(result.model, list(result.params["class_names"]), result.test_logits)
+    return TrainJob(run_id, result.params["model"], model_uri, result.metrics, in_process=trained)
 
 
 def train_distributed(config: TrainConfig, nproc: int, experiment: str | None = None) -> list[str]:
@@ -308,11 +333,17 @@ class EvaluateJob:
 
 
 def evaluate_run(
-    run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int, reuse: bool = False
+    run_id: str | None,
+    model_uri: str | None,
+    data_dir: Path,
+    batch_size: int,
+    reuse: bool = False,
+    in_process: InProcessModel | None = None,
 ) -> EvaluateJob:
     """Evaluate a run's model (or the run that logged `model_uri`) on the test set, logged into that run.
 
     With `reuse`, an evaluation the run already has (same batch size, test data and git commit) stands.
+    `in_process`: the run's model as this process trained it, used instead of loading it from the store.
     """
     from pipeline import tracking
     from pipeline.data import load_split
@@ -327,8 +358,13 @@ def evaluate_run(
     if reuse and tracking.finished_stage_run("evaluate", key, run_id) is not None:
         tracking.mark_reused("evaluate", run_id, job_run or run_id)
         return EvaluateJob(run_id, None, [], reused=True)
-    model, class_names = tracking.load_run_model(run_id)
-    result = evaluate(model, split.images, split.labels, class_names, batch_size)
+    if in_process is None:
+        model, class_names = tracking.load_run_model(run_id)
+        result = evaluate(model, split.images, split.labels, class_names, batch_size)
+    else:
+        model, class_names = in_process.model, in_process.class_names
+        logits = in_process.logits_for(split.images, batch_size)
+        result = evaluate(model, split.images, split.labels, class_names, batch_size, logits=logits)
     history = tracking.metric_history(run_id, CURVE_METRICS)
     # Logged at the run's last training step, so these become the run's latest values.
     last_step = int(history["step"].max()) if len(history) else 0
@@ -455,12 +491,14 @@ def export_run(
     fold: bool | None,
     data_dir: Path,
     reuse: bool = False,
+    in_process: InProcessModel | None = None,
 ) -> ExportJob:
     """Export a run's model to ONNX (and int8), check parity with torch, log all of it into the run.
 
     A failed check is reported in the result, not raised: the run keeps its status and is
     tagged parity=failed, and the caller decides the exit code. With `reuse` (and no --output),
     an export the run already has, with the same settings and a passed check, stands.
+    `in_process`: the run's model as this process trained it, used instead of loading it from the store.
     """
     from pipeline import export, tracking
     from pipeline.data import load_split
@@ -479,7 +517,12 @@ def export_run(
         uris = [earlier.data.tags[tracking.ONNX_URI_TAGS[variant]] for variant in variants]
         models = [ExportedModel(variant, uri, None) for variant, uri in zip(variants, uris, strict=True)]
         return ExportJob(run_id, earlier.data.params.get("model", ""), models, None, None, reused=True)
-    model, class_names = tracking.load_run_model(run_id)
+    if in_process is None:
+        model, class_names = tracking.load_run_model(run_id)
+        torch_test_logits = None
+    else:
+        model, class_names = in_process.model, in_process.class_names
+        torch_test_logits = in_process.logits_for(test.images, TrainConfig.eval_batch_size).numpy()
     model_name = model.registry_name
     target = export.resolve_output(output, model_name) if output else None
     calibration = export.calibration_sample(load_split(data_dir, "train").images) if quantize == "int8" else None
@@ -500,11 +543,15 @@ def export_run(
             model_name=model_name,
             models=[],
             folded_layers=export.read_metadata(fp32_path).get(export.FOLDED_LAYERS_KEY),
-            parity=check_parity(model, fp32_path, test.images, test.labels, class_names),
+            parity=check_parity(
+                model, fp32_path, test.images, test.labels, class_names, torch_test_logits=torch_test_logits
+            ),
         )
         if quantize == "int8":
             paths["int8"] = export.quantize_int8(fp32_path, export.int8_path_for(fp32_path), calibration)
-            job.int8_check = check_quantized(model, paths["int8"], test.images, test.labels, class_names)
+            job.int8_check = check_quantized(
+                model, paths["int8"], test.images, test.labels, class_names, torch_test_logits=torch_test_logits
+            )
         step = tracking.fresh_step(run_id)
         with tracking.run(run_id=run_id):
             for variant, path in paths.items():
@@ -698,9 +745,10 @@ def run_pipeline(
 
     # Other data on purpose: download would replace its files with Fashion-MNIST's.
     done("download", None if config.allow_other_data else download_data(config.data_dir, None, DOWNLOAD_TIMEOUT_S))
-    run_id = done("train", train_model(config, experiment, reuse)).job_run_id
-    done("evaluate", evaluate_run(run_id, None, config.data_dir, config.eval_batch_size, reuse))
-    exported = done("export-onnx", export_run(run_id, None, None, quantize, None, config.data_dir, reuse))
+    trained = done("train", train_model(config, experiment, reuse))
+    run_id, in_process = trained.job_run_id, trained.in_process
+    done("evaluate", evaluate_run(run_id, None, config.data_dir, config.eval_batch_size, reuse, in_process))
+    exported = done("export-onnx", export_run(run_id, None, None, quantize, None, config.data_dir, reuse, in_process))
     if register and not exported.failures:
         done("register", register_run(run_id))
     return PipelineJob(run_id, stages)

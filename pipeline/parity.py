@@ -186,8 +186,12 @@ def check_parity(
     test_labels: np.ndarray,
     class_names: list[str] | tuple[str, ...],
     config: ParityConfig | None = None,
+    torch_test_logits: np.ndarray | None = None,
 ) -> ParityResult:
-    """Compare `model` (run in eval mode) with the ONNX file under onnxruntime's CPU provider."""
+    """Compare `model` (run in eval mode) with the ONNX file under onnxruntime's CPU provider.
+
+    `torch_test_logits`: the model's logits on `test_images`, if already computed in this process.
+    """
     config = config or ParityConfig()
     # Opened as the predictor opens it, but held to the contract's exact names: parity judges what export wrote.
     session = ContractSession(onnx_path, exact_names=True)
@@ -203,7 +207,12 @@ def check_parity(
     for name, (inputs, batch_size) in input_sets.items():
         # The test set runs torch in batches of 1000 and onnxruntime in other sizes, so
         # agreement cannot hinge on both sides seeing identical batches.
-        expected = run_torch(model, inputs, 1000 if name == "test" else batch_size)
+        if name == "test" and torch_test_logits is not None:
+            expected = np.asarray(torch_test_logits, dtype=np.float32)
+            if expected.shape[0] != len(inputs):
+                raise ValueError(f"{expected.shape[0]} precomputed torch logits for {len(inputs)} test images")
+        else:
+            expected = run_torch(model, inputs, 1000 if name == "test" else batch_size)
         actual = session.logits_in_batches(inputs, batch_size)
         diff = np.abs(expected.astype(np.float64) - actual.astype(np.float64))
         per_input = diff.max(axis=1)
@@ -266,11 +275,13 @@ def check_quantized(
     test_labels: np.ndarray,
     class_names: list[str] | tuple[str, ...],
     config: ParityConfig | None = None,
+    torch_test_logits: np.ndarray | None = None,
 ) -> QuantizedCheckResult:
     """Judge an int8 model by its test accuracy against the torch model's, overall and per class."""
     config = config or ParityConfig()
     inputs = images_to_tensor(test_images).numpy()
-    torch_pred = run_torch(model, inputs, 1000).argmax(1)
+    torch_logits = run_torch(model, inputs, 1000) if torch_test_logits is None else np.asarray(torch_test_logits)
+    torch_pred = torch_logits.argmax(1)
     int8_pred = ContractSession(int8_path, exact_names=True).logits_in_batches(inputs, config.batch_size).argmax(1)
     torch_ok, int8_ok = torch_pred == test_labels, int8_pred == test_labels
     per_class = []

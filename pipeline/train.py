@@ -43,6 +43,8 @@ class TrainResult:
     metrics: dict[str, float]  # final: test_accuracy, test_loss, [val_...], train_loss, wall_time_s, ...
     history: list[dict[str, float]]  # one row per evaluation (epoch end, or max-steps end)
     example_input: np.ndarray  # two test (else validation) images, float32 (2, 1, 28, 28): for model signatures
+    # The final model's logits on the whole test set (CPU), when its last evaluation included the test set.
+    test_logits: torch.Tensor | None = None
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -119,6 +121,7 @@ class Trainer:
     epoch_step: int = 0  # steps done in the current epoch; 0 between epochs
     epoch_shuffle: torch.Tensor | None = None
     epoch_loss: float = 0.0
+    test_logits: torch.Tensor | None = None  # from the latest test evaluation
     window_loss: float = 0.0  # since the last on_log
     window_steps: int = 0
     world: distributed.World = field(default_factory=distributed.World)  # one process unless torchrun started it
@@ -313,7 +316,8 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
                 loss_and_accuracy(compute_logits(evaluated, t.val_x, config.eval_batch_size), t.val_y, "val")
             )
         if config.test_eval == "epoch" or (config.test_eval == "end" and t.done):
-            metrics.update(loss_and_accuracy(compute_logits(evaluated, t.test_x, config.eval_batch_size), t.test_y))
+            t.test_logits = compute_logits(evaluated, t.test_x, config.eval_batch_size)
+            metrics.update(loss_and_accuracy(t.test_logits, t.test_y))
     t.epoch_step = 0
     t.history.append({"epoch": t.epoch, "step": t.step, **metrics})
     for cb in callbacks:
@@ -419,7 +423,16 @@ def fit(t: Trainer, callbacks: list[TrainCallback] = ()) -> TrainResult:
         distributed.shutdown(t.world)
     example = next(x for x in (t.test_x, t.val_x, t.train_x) if x is not None)[:2].cpu().numpy()
     model = distributed.unwrap(t.model)
-    result = TrainResult(model=model, params=t.params, metrics=final, history=t.history, example_input=example)
+    # Only if the test set was evaluated after the last step: an earlier evaluation saw an earlier model.
+    evaluated_last = t.test_logits is not None and t.history[-1]["step"] == t.step and "test_accuracy" in t.history[-1]
+    result = TrainResult(
+        model=model,
+        params=t.params,
+        metrics=final,
+        history=t.history,
+        example_input=example,
+        test_logits=t.test_logits.cpu() if evaluated_last else None,
+    )
     for cb in callbacks:
         cb.on_train_end(result)
     return result
