@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import cli_args, jobs
+from pipeline import cli_args, jobs, signals
 from pipeline.config import DOWNLOAD_TIMEOUT_S, HEARTBEAT_INTERVAL_S, MODEL_NAMES, PRUNERS, STALE_AFTER_S, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.server import DATABASES, ServerConfig, default_folder
@@ -30,14 +30,17 @@ class PipelineGroup(click.Group):
         try:
             with sigterm_raises():
                 return super().invoke(ctx)
-        except PipelineError as exc:
-            raise click.ClickException(str(exc)) from None
-        except Terminated:
-            click.echo("\nTerminated.", err=True)
-            sys.exit(Terminated.exit_code)
-        except KeyboardInterrupt:
-            click.echo("\nInterrupted.", err=True)
-            sys.exit(130)
+        except (Exception, KeyboardInterrupt) as exc:
+            # Whatever a library made of the SIGTERM on its way up (see pipeline.signals), it is one.
+            if isinstance(exc, Terminated) or signals.received():
+                click.echo("\nTerminated.", err=True)
+                sys.exit(Terminated.exit_code)
+            if isinstance(exc, PipelineError):
+                raise click.ClickException(str(exc)) from None
+            if isinstance(exc, KeyboardInterrupt):
+                click.echo("\nInterrupted.", err=True)
+                sys.exit(130)
+            raise
 
 
 def echo_err(message: str) -> None:

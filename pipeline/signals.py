@@ -4,6 +4,13 @@ systemd, docker, CI timeouts and a plain `kill` send SIGTERM, whose default acti
 process on the spot: no `finally` runs, so a run stays RUNNING and a temporary file stays
 behind. Raising a KeyboardInterrupt subclass instead lets every context manager clean up
 (tracking.run ends the run KILLED, files.atomic_write removes its temporary file).
+
+An exception raised from a signal handler can surface inside any library, and some catch it:
+pydantic's schema builder wraps it in a SchemaError when the signal lands during an import,
+and a database driver may turn it into its own error. So the arrival is also recorded:
+`received()` tells the CLI and the tracking boundary that the error they see is a SIGTERM, and
+`raise_if_received()` lets a long loop (training) stop at its next step if the exception
+was swallowed on the way.
 """
 
 from __future__ import annotations
@@ -20,7 +27,22 @@ class Terminated(KeyboardInterrupt):
     exit_code = 128 + signal.SIGTERM  # 143, what a shell reports for a process ended by SIGTERM
 
 
+_received = threading.Event()
+
+
+def received() -> bool:
+    """Whether SIGTERM has arrived in this process (while `sigterm_raises` was in force)."""
+    return _received.is_set()
+
+
+def raise_if_received() -> None:
+    """Terminated, if SIGTERM arrived: for loops that must stop even where the first raise was swallowed."""
+    if _received.is_set():
+        raise Terminated()
+
+
 def _raise_terminated(signum, frame) -> None:
+    _received.set()
     # A second SIGTERM ends the process at once, like a second Ctrl-C would in most tools.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     raise Terminated()

@@ -29,6 +29,7 @@ from mlflow.entities import RunStatus
 from mlflow.utils.mlflow_tags import MLFLOW_GIT_COMMIT, MLFLOW_RUN_NOTE
 from sqlalchemy.exc import SQLAlchemyError
 
+from pipeline import signals
 from pipeline.callbacks import TrainCallback, TrialObserver
 from pipeline.config import DEFAULT_EXPERIMENT, EXPERIMENT_ENV, HEARTBEAT_INTERVAL_S, STALE_AFTER_S, project_root
 from pipeline.errors import PipelineError
@@ -380,9 +381,10 @@ def _ended_by_outcome(active: mlflow.ActiveRun) -> Iterator[None]:
     try:
         yield
     except BaseException as exc:
-        # KeyboardInterrupt: Ctrl-C, and SIGTERM (signals.Terminated)
-        status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) else RunStatus.FAILED
-        lost = _server_failure(exc)
+        # KeyboardInterrupt: Ctrl-C, and SIGTERM (signals.Terminated, or whatever a library made of it)
+        terminated = signals.received()
+        status = RunStatus.KILLED if isinstance(exc, KeyboardInterrupt) or terminated else RunStatus.FAILED
+        lost = None if terminated else _server_failure(exc)
         untold = _end_run(heartbeat, status)
         if lost is not None or untold is not None:
             raise server_lost(active.info.run_id, lost or untold, marked=untold is None) from None

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import distributed, hardware
+from pipeline import distributed, hardware, signals
 from pipeline.augment import augment_batch
 from pipeline.callbacks import TrainCallback
 from pipeline.config import CLASS_NAMES, TrainConfig
@@ -270,6 +270,7 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
     autocast_dtype = AUTOCAST_DTYPES.get(t.precision, torch.bfloat16)
     tick = time.perf_counter()
     for batch in batches[t.epoch_step :]:
+        signals.raise_if_received()  # a SIGTERM whose exception some library swallowed still stops training
         # Every rank draws the same global batch (same seed, same epoch) and trains its own shard.
         index = distributed.shard(batch, t.world).to(t.device)
         images = t.train_x[index]

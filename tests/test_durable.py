@@ -82,11 +82,48 @@ def test_sigterm_during_training_marks_the_run_killed_and_exits_143(synthetic_da
     process = start_pipeline(*TRAIN_ARGS, "--epochs", "1000", "--data-dir", str(synthetic_data_dir))
     run = wait_for(running_run_checkpointed(1), process, "first checkpoint")
     process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 143
+    code = process.wait(timeout=60)
     stderr = process.stderr.read()
+    assert code == 143, stderr[-3000:]
     assert "Terminated." in stderr and "Traceback" not in stderr
     ended = mlflow.get_run(run.info.run_id)
     assert ended.info.status == "KILLED" and ended.info.end_time is not None
+
+
+@pytest.fixture
+def sigterm_wrapped_by_a_library():
+    """A call that gets SIGTERM and, as pydantic's schema builder does during an import, wraps the
+    resulting exception in an error of its own. Forgets the SIGTERM after the test."""
+    from pipeline import signals
+
+    def call(*args, **kwargs):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises before this ends
+        except BaseException as exc:
+            raise RuntimeError("a library's own error") from exc
+        raise AssertionError("SIGTERM did not arrive")
+
+    yield call
+    signals._received.clear()
+
+
+def test_a_sigterm_that_a_library_wrapped_still_exits_143(sigterm_wrapped_by_a_library, monkeypatch, tmp_path):
+    from pipeline import jobs
+
+    monkeypatch.setattr(jobs, "download_data", sigterm_wrapped_by_a_library)
+    result = CliRunner().invoke(cli, ["download", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 143 and result.output.strip() == "Terminated."
+    assert result.exc_info[0] is SystemExit  # no traceback for the user
+
+
+def test_a_run_that_a_wrapped_sigterm_ended_is_killed_not_failed(sigterm_wrapped_by_a_library, tracking_store):
+    from pipeline.signals import sigterm_raises
+
+    with pytest.raises(RuntimeError, match="a library's own error"):
+        with sigterm_raises(), tracking.run(run_name="wrapped") as active:
+            sigterm_wrapped_by_a_library()
+    assert mlflow.get_run(active.info.run_id).info.status == "KILLED"
 
 
 def test_sigterm_during_predict_leaves_no_output_and_exits_143(trained_onnx, tmp_path):
