@@ -192,7 +192,7 @@ def test_timing_budget_is_by_mode_unless_chosen():
 @pytest.mark.slow
 def test_quick_bench_end_to_end(real_data_dir, tracking_store, tmp_path):
     out = tmp_path / "bench"
-    # Each inference figure timed for 0.2 s instead of quick mode's 1 s: what is measured, not how well.
+    # Each inference figure and GEMM ceiling timed for 0.2 s instead of quick mode's 1 s: what is measured, not how well.
     args = ["bench", "--quick", "--steps", "50", "--timing-seconds", "0.2", "--output-dir", str(out)]
     result = CliRunner().invoke(cli, [*args, "--data-dir", str(real_data_dir)])
     assert result.exit_code == 0, result.output
@@ -287,8 +287,8 @@ def test_recipe_table_and_verdicts_from_full_trainings():
 def test_fp32_limit_is_the_better_library_unless_torch_is_capped(monkeypatch):
     from pipeline.bench import machine
 
-    monkeypatch.setattr(machine, "gemm_gflops", lambda dtype: 100.0 if dtype == torch.float32 else 400.0)
-    monkeypatch.setattr(machine, "ort_gemm_gflops", lambda: 180.0)
+    monkeypatch.setattr(machine, "gemm_gflops", lambda dtype, seconds: 100.0 if dtype == torch.float32 else 400.0)
+    monkeypatch.setattr(machine, "ort_gemm_gflops", lambda seconds: 180.0)
     monkeypatch.setattr(hardware, "cpu_features", lambda: WITH_BF16)
     monkeypatch.delenv(hardware.MAX_ISA_ENV, raising=False)
     limits = machine.gemm_limits()

@@ -27,7 +27,8 @@ class BenchConfig:
     # 0 = quick mode's extrapolation from a few steps of each (no accuracy).
     recipe_seeds: int = -1  # -1 = by mode: 3 in full mode, 0 with --quick
     # Seconds each inference throughput figure is timed for (at least 5 calls each); 0 = by mode:
-    # 1 in quick mode, else 3 (2 for the onnxruntime levers).
+    # 1 in quick mode, else 3 (2 for the onnxruntime levers). Each GEMM ceiling takes the same
+    # budget, at most 1 s (its best call is the figure, so a longer wait adds little).
     timing_s: float = 0.0
 
     def __post_init__(self) -> None:

@@ -30,7 +30,7 @@ def machine() -> dict[str, Any]:
     }
 
 
-def gemm_limits() -> dict[str, float | None]:
+def gemm_limits(seconds: float = 1.0) -> dict[str, float | None]:
     """GFLOP/s of a large matmul in fp32, and in bf16 where the CPU has it natively (else None:
     an emulated bf16 ceiling would only flatter the fraction of it that training reaches).
 
@@ -39,13 +39,13 @@ def gemm_limits() -> dict[str, float | None]:
     onnxruntime is not capped; onnxruntime's inference is then held to its own figure.
     """
     native = hardware.cpu_features().native_bf16
-    torch_fp32, ort_fp32 = gemm_gflops(torch.float32), ort_gemm_gflops()
+    torch_fp32, ort_fp32 = gemm_gflops(torch.float32, seconds=seconds), ort_gemm_gflops(seconds=seconds)
     capped = os.environ.get(hardware.MAX_ISA_ENV, "").lower() == "avx2"
     return {
         "fp32_gemm_gflops": torch_fp32 if capped else max(torch_fp32, ort_fp32),
         "fp32_torch_mm_gflops": torch_fp32,
         "fp32_onnxruntime_matmul_gflops": ort_fp32,
-        "bf16_gemm_gflops": gemm_gflops(torch.bfloat16) if native else None,
+        "bf16_gemm_gflops": gemm_gflops(torch.bfloat16, seconds=seconds) if native else None,
     }
 
 
