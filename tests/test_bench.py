@@ -192,7 +192,8 @@ def test_timing_budget_is_by_mode_unless_chosen():
 @pytest.mark.slow
 def test_quick_bench_end_to_end(real_data_dir, tracking_store, tmp_path):
     out = tmp_path / "bench"
-    # Each inference figure and GEMM ceiling timed for 0.2 s instead of quick mode's 1 s: what is measured, not how well.
+    # Each inference figure and GEMM ceiling timed for 0.2 s instead of quick mode's 1 s:
+    # what is measured, not how well.
     args = ["bench", "--quick", "--steps", "50", "--timing-seconds", "0.2", "--output-dir", str(out)]
     result = CliRunner().invoke(cli, [*args, "--data-dir", str(real_data_dir)])
     assert result.exit_code == 0, result.output
