@@ -114,27 +114,32 @@ class FashionCNN(nn.Module):
         return self.fc3(out)
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
-    # No conv bias: the batch norm right after it has its own shift.
-    layers = [
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+def conv_pool_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3x3 conv, 2x2 max-pool, then batch norm and ReLU on the pooled map.
+
+    Pooling first runs batch norm and ReLU, which are memory-bound, on a quarter of the pixels:
+    a training step takes about a third less time than conv -> BN -> ReLU -> pool here. Max-pooling
+    commutes with ReLU, and with batch norm wherever its scale is positive, so the block computes
+    much the same function; on the validation split it reached the same accuracy per epoch.
+    """
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),  # the BN shifts
+        nn.MaxPool2d(2),
         nn.BatchNorm2d(out_channels),
         nn.ReLU(),
-    ]
-    if pool:
-        layers.append(nn.MaxPool2d(2))
-    return nn.Sequential(*layers)
+    )
 
 
 @register("cnn_plus")
 class FashionCNNPlus(nn.Module):
-    """The chapter CNN's two conv blocks, both padded (28 -> 14 -> 7) and without conv bias, then
-    one hidden layer of 256 with a ReLU and dropout: 0.83M parameters against the chapter CNN's 1.5M.
+    """The chapter CNN's two conv blocks, both padded (28 -> 14 -> 7), without conv bias and with
+    batch norm after the pooling, then one hidden layer of 256 with a ReLU and dropout: 0.83M
+    parameters against the chapter CNN's 1.5M.
 
     Chosen on the validation split (README, "A faster recipe"): a third conv block with global
-    average pooling instead of the hidden layer trained slower and reached less in 5 epochs.
-    Trained with its own recipe (pipeline.config.RECIPES["cnn_plus"]). At export, every conv
-    absorbs its batch norm.
+    average pooling instead of the hidden layer trained slower and reached less in 5 epochs, and
+    batch norm before the pooling reached the same accuracy per epoch at 1.5x the time per step.
+    Trained with its own recipe (pipeline.config.RECIPES["cnn_plus"]).
     """
 
     widths: tuple[int, ...] = (32, 64)
@@ -145,7 +150,7 @@ class FashionCNNPlus(nn.Module):
         super().__init__()
         self.input_shape = tuple(input_shape)
         channels = [input_shape[0], *self.widths]
-        self.features = nn.Sequential(*(conv_bn_relu(c_in, c_out, pool=True) for c_in, c_out in pairwise(channels)))
+        self.features = nn.Sequential(*(conv_pool_bn_relu(c_in, c_out) for c_in, c_out in pairwise(channels)))
         with torch.no_grad():  # the flat width from the blocks themselves, as FashionCNN's fc1
             flat = self.features(torch.zeros(1, *input_shape))[0].numel()
         self.classifier = nn.Sequential(

@@ -5,25 +5,55 @@ here; its figure is printed for reference only.
 
     python scripts/ablation.py [--seed 0] [--out ablation.json]
 
-About 15 minutes on a 2-core machine. Tracking is off: these runs are a measurement, not results.
+About 8 minutes on a 2-core machine. Tracking is off: these runs are a measurement, not results.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+from torch import nn
+
+from pipeline import models
 from pipeline.config import default_data_dir, train_config
 from pipeline.train import train
 
 VAL_SIZE = 5_000
-# (label, model, settings over the model's recipe)
+
+
+@contextmanager
+def batch_norm_before_pooling():
+    """cnn_plus built with the usual block order, conv -> batch norm -> ReLU -> max-pool."""
+
+    def block(in_channels: int, out_channels: int) -> nn.Sequential:
+        conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(), nn.MaxPool2d(2))
+
+    chosen = models.conv_pool_bn_relu
+    models.conv_pool_bn_relu = block
+    try:
+        yield
+    finally:
+        models.conv_pool_bn_relu = chosen
+
+
+# (label, model, settings over the model's recipe[, a change to the model])
 VARIANTS = [
     ("cnn_plus, whole recipe", "cnn_plus", {}),
-    ("  6 epochs instead of 5", "cnn_plus", {"epochs": 6}),
-    ("  with a random crop (pad 1)", "cnn_plus", {"crop_pad": 1}),
-    ("  with horizontal flips", "cnn_plus", {"hflip": True}),
+    ("  without horizontal flips", "cnn_plus", {"hflip": False}),
+    ("  5 epochs instead of 6", "cnn_plus", {"epochs": 5}),
+    ("  7 epochs instead of 6", "cnn_plus", {"epochs": 7}),
+    ("  batch norm before the pooling", "cnn_plus", {}, batch_norm_before_pooling),
+    (
+        "  the previous recipe: batch norm first, no flips, 5 epochs",
+        "cnn_plus",
+        {"epochs": 5, "hflip": False},
+        batch_norm_before_pooling,
+    ),
+    ("  with a random crop (pad 1) too", "cnn_plus", {"crop_pad": 1}),
     ("  without label smoothing", "cnn_plus", {"label_smoothing": 0.0}),
     ("  batch 256 instead of 100", "cnn_plus", {"batch_size": 256}),
     (
@@ -41,9 +71,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("ablation.json"))
     args = parser.parse_args()
     rows = []
-    for label, model, settings in VARIANTS:
+    for label, model, settings, *change in VARIANTS:
         config = train_config(model, seed=args.seed, val_size=VAL_SIZE, data_dir=default_data_dir(), **settings)
-        m = train(config).metrics
+        with (change[0] if change else nullcontext)():
+            m = train(config).metrics
         rows.append(
             {
                 "variant": label,

@@ -158,22 +158,22 @@ def test_trial_settings_never_load_the_test_set(synthetic_data_dir, monkeypatch)
     assert ["test_accuracy" in row for row in end.history] == [False, True]  # the test set once, at the end
 
 
-def test_cnn_plus_trains_exports_folded_and_passes_parity(synthetic_data_dir, tmp_path):
+def test_cnn_plus_trains_exports_and_passes_parity(synthetic_data_dir, tmp_path):
+    import onnx
+
     from pipeline.config import CLASS_NAMES
-    from pipeline.export import FOLDED_LAYERS_KEY, export_onnx, fold_for_inference, read_metadata
+    from pipeline.export import export_onnx, fold_for_inference
     from pipeline.parity import check_parity
 
     result = train(
         train_config("cnn_plus", max_steps=6, batch_size=64, data_dir=synthetic_data_dir, allow_other_data=True)
     )
     model = result.model.eval()
-    folded, report = fold_for_inference(model)
-    assert len(report.conv_bn) == len(model.widths)  # every conv absorbed its batch norm
-    x = torch.rand(8, 1, 28, 28)
-    with torch.no_grad():
-        assert torch.allclose(folded(x), model(x), atol=1e-5)
+    _, report = fold_for_inference(model)
+    assert report.conv_bn == []  # each batch norm follows a max-pool, not its conv: nothing to absorb
     path = export_onnx(model, tmp_path / "cnn_plus.onnx", CLASS_NAMES, "cnn_plus", "run")
-    assert "conv+bn" in read_metadata(path)[FOLDED_LAYERS_KEY]
+    ops = [node.op_type for node in onnx.load(path).graph.node]
+    assert ops.count("Conv") == 2 and ops.count("MaxPool") == 2  # the exporter drops nothing either
     test = load_split(synthetic_data_dir, "test")
     parity = check_parity(model, path, test.images, test.labels, CLASS_NAMES)
     assert parity.passed, parity.summary_lines()
