@@ -296,11 +296,13 @@ def tune_model(
     tracking.connect()
     config.storage = config.storage or tracking.default_optuna_storage()
     study = tune.open_study(config)
+    run_name = f"tune {config.study_name}"
     parent_id = study.user_attrs.get(tune.PARENT_RUN_ATTR)
+    if parent_id is None:
+        parent_id = tracking.claim_study_run(config.study_name, run_name, experiment)
+        study.set_user_attr(tune.PARENT_RUN_ATTR, parent_id)
     tags = {"stage": tracking.STUDY_STAGE, "study": config.study_name}
-    with tracking.run(run_id=parent_id, run_name=f"tune {config.study_name}", experiment=experiment, tags=tags) as run:
-        if parent_id is None:
-            study.set_user_attr(tune.PARENT_RUN_ATTR, run.info.run_id)
+    with tracking.run(run_id=parent_id, run_name=run_name, experiment=experiment, tags=tags) as run:
         progress(f"Study {config.study_name!r} in {tune.safe_url(config.storage)}: {len(study.trials)} trials so far.")
         tune.optimize(study, config, [tracking.MlflowTrialObserver(), tune.ProgressLines(progress)])
         result = tune.summarize(study, config)

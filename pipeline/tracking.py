@@ -365,6 +365,35 @@ def run(
         yield active
 
 
+def claim_study_run(study_name: str, run_name: str, experiment: str | None = None) -> str:
+    """The id of a study's one parent run: the one it has in the experiment, else a new one.
+
+    Workers that start a study at the same moment can each find none and create one. Each then
+    looks again and keeps the oldest; a newer one is deleted by the worker that made it, so every
+    worker's trials nest under the same run. Works on any store (sqlite, a tracking server),
+    as Optuna's storage has no compare-and-set to elect it with.
+    """
+    if run_id := os.environ.get("MLFLOW_RUN_ID"):
+        return run_id  # inside `mlflow run -e tune`: its run is the study's
+    configure(experiment)
+    client = mlflow.MlflowClient()
+    experiment_id = mlflow.get_experiment_by_name(experiment_name(experiment)).experiment_id
+    query = f"tags.stage = '{STUDY_STAGE}' and tags.study = '{study_name}'"
+
+    def oldest() -> str | None:
+        runs = client.search_runs([experiment_id], query, max_results=100)
+        return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
+
+    if (found := oldest()) is not None:
+        return found
+    mine = client.create_run(experiment_id, run_name=run_name, tags={"stage": STUDY_STAGE, "study": study_name})
+    mark_experiment(experiment_id)
+    chosen = oldest()
+    if chosen != mine.info.run_id:
+        client.delete_run(mine.info.run_id)
+    return chosen
+
+
 @contextmanager
 def child_run(run_name: str, tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
     """A run nested in the active one (a tuning trial's, a retrained model's); ends as `run` does."""
