@@ -79,12 +79,13 @@ def test_torchrun_command_carries_every_setting_back_to_pipeline_train(tmp_path)
     assert cli_args.config_from_options(**params) == config
     assert launcher == {"resume": None, "nproc": 1, "reuse": False, "experiment": "exp"}  # the ranks don't launch
     # A recipe's model: the ranks apply the recipe again, so a setting typed back to the chapter's
-    # value (Adam, no smoothing) must still reach them, and one the recipe sets is not repeated.
+    # value (Adam, no smoothing, no flips) must still reach them, and one the recipe sets is not repeated.
     recipe = train_config(
-        "cnn_plus", optimizer="adam", label_smoothing=0.0, hflip=True, val_size=500, data_dir=tmp_path
+        "cnn_plus", optimizer="adam", label_smoothing=0.0, hflip=False, val_size=500, data_dir=tmp_path
     )
     args = train_flags(recipe)
-    assert {"--optimizer", "--label-smoothing", "--hflip", "--val-size"} <= set(args) and "--lr" not in args
+    assert {"--optimizer", "--label-smoothing", "--no-hflip", "--val-size"} <= set(args)
+    assert "--lr" not in args and "--epochs" not in args
     params = cli.commands["train"].make_context("train", args).params
     for name in ("resume", "nproc", "reuse", "experiment"):
         params.pop(name)

@@ -38,8 +38,8 @@ def test_recipe_fills_only_what_was_not_given():
     config = train_config("cnn_plus")
     assert all(getattr(config, k) == v for k, v in recipe.items())
     # An explicit value wins, even one equal to the chapter's default; None means "not given".
-    given = train_config("cnn_plus", epochs=2, optimizer=TrainConfig.optimizer, hflip=True, lr=None)
-    assert (given.epochs, given.optimizer, given.hflip, given.lr) == (2, "adam", True, recipe["lr"])
+    given = train_config("cnn_plus", epochs=2, optimizer=TrainConfig.optimizer, hflip=False, lr=None)
+    assert (given.epochs, given.optimizer, given.hflip, given.lr) == (2, "adam", False, recipe["lr"])
     with pytest.raises(TypeError, match="unknown TrainConfig fields: epoch"):
         train_config("cnn_plus", epoch=3)
 
@@ -68,12 +68,12 @@ def test_cli_applies_the_recipe_only_to_options_left_out(monkeypatch):
         monkeypatch,
         ["--model", "cnn"],
         ["--model", "cnn_plus"],
-        ["--model", "cnn_plus", "--label-smoothing", "0", "--hflip", "--schedule", "constant"],
+        ["--model", "cnn_plus", "--label-smoothing", "0", "--no-hflip", "--schedule", "constant"],
         ["--model", "cnn", "--hflip", "--crop-pad", "1"],
     )
     assert plain == TrainConfig(model="cnn")
     assert recipe == train_config("cnn_plus")
-    assert (overridden.label_smoothing, overridden.hflip, overridden.schedule) == (0.0, True, "constant")
+    assert (overridden.label_smoothing, overridden.hflip, overridden.schedule) == (0.0, False, "constant")
     assert overridden.optimizer == RECIPES["cnn_plus"]["optimizer"]  # what was not given stays the recipe's
     assert (chapter_with_flip.hflip, chapter_with_flip.crop_pad, chapter_with_flip.lr) == (True, 1, 0.001)
 
