@@ -312,7 +312,13 @@ def mark_experiment(experiment_id: str) -> None:
     }
     for key, value in wanted.items():
         if tags.get(key) != value:
-            client.set_experiment_tag(experiment_id, key, value)
+            try:
+                client.set_experiment_tag(experiment_id, key, value)
+            except mlflow.exceptions.MlflowException:
+                # Processes that start at once on a new experiment race to add the same tag, and a
+                # SQL store refuses the second insert (a duplicate key); theirs is as good as ours.
+                if key not in client.get_experiment(experiment_id).tags:
+                    raise
 
 
 def ui_links(experiment: str | None, base_url: str) -> tuple[str | None, str]:

@@ -14,6 +14,7 @@ and logs the StudyResult it gets back.
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -227,17 +228,32 @@ def make_pruner(name: str) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
+# Workers that open a new storage at the same moment race to create Optuna's tables (PostgreSQL:
+# a duplicate key in pg_type; sqlite: "table already exists" or a locked database). The loser
+# tries again and finds them made.
+STORAGE_ATTEMPTS = 4
+
+
 def open_study(config: TuneConfig, pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
     """Create the study, or load it to resume: then it must be for the same model, split and seed."""
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # progress goes through the observers
     try:
-        study = optuna.create_study(
-            study_name=config.study_name,
-            storage=config.storage,
-            direction="maximize",
-            pruner=pruner or make_pruner(config.pruner),
-            load_if_exists=True,
-        )
+        for attempt in range(1, STORAGE_ATTEMPTS + 1):
+            try:
+                study = optuna.create_study(
+                    study_name=config.study_name,
+                    storage=config.storage,
+                    direction="maximize",
+                    pruner=pruner or make_pruner(config.pruner),
+                    load_if_exists=True,
+                )
+                break
+            except (IntegrityError, OperationalError, ProgrammingError):
+                if attempt == STORAGE_ATTEMPTS:
+                    raise
+                time.sleep(0.5 * attempt)
     except (ValueError, ImportError, optuna.exceptions.OptunaError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise PipelineError(f"cannot open the Optuna storage {safe_url(config.storage)}: {message}") from None

@@ -242,6 +242,36 @@ def test_a_users_own_http_settings_are_kept(monkeypatch):
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "9"
 
 
+def test_two_tune_workers_started_at_once_share_one_study_and_one_parent_run(on_server, synthetic_data_dir):
+    """Optuna's storage in the server's PostgreSQL: both workers create its tables and the study's
+    parent run at the same moment; one study, 4 trials, one parent run is what must come out."""
+    import optuna
+
+    from pipeline import tune
+    from pipeline.server import Postgres
+
+    storage = Postgres(on_server.folder).create_database("optuna")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_EXPERIMENT_NAME": "tune-workers"}
+    env.pop("MLFLOW_RUN_ID", None)
+    command = [sys.executable, "-m", "pipeline", "tune", "--model", "dnn", "--n-trials", "2", "--study-name", "shared"]
+    command += ["--storage", storage, "--val-size", "100", "--max-steps", "4", "--pruner", "none"]
+    command += ["--allow-other-data", "--data-dir", str(synthetic_data_dir)]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    workers = [subprocess.Popen(command, env=env, **pipes) for _ in range(2)]
+    outputs = [worker.communicate(timeout=240) for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for _, err in outputs]
+
+    study = optuna.load_study(study_name="shared", storage=storage)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
+    client = mlflow.MlflowClient(on_server.url)
+    experiment_id = client.get_experiment_by_name("tune-workers").experiment_id
+    parents = client.search_runs([experiment_id], f"tags.stage = '{tracking.STUDY_STAGE}'")
+    assert [p.info.run_id for p in parents] == [study.user_attrs[tune.PARENT_RUN_ATTR]]
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    assert len(children) == 4  # both workers' trials, under the one parent
+    assert all(f"Parent run id: {parents[0].info.run_id}" in out for out, _ in outputs)
+
+
 def test_a_server_that_goes_away_mid_run_fails_it_clearly_and_comes_back(on_server, synthetic_data_dir):
     """Last in the module: it stops the server, then starts it again."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_EXPERIMENT_NAME": "faults"}

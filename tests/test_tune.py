@@ -8,8 +8,6 @@ pruner must stop after its first epoch. Then the study is resumed, and retrained
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import mlflow
 import optuna
@@ -20,7 +18,6 @@ from pipeline import jobs, tracking, tune
 from pipeline.cli import cli
 from pipeline.data import load_split
 from pipeline.errors import PipelineError
-from tests.conftest import REPO
 
 GOOD = {"batch_size": 100, "label_smoothing": 0.0, "crop_pad": 0, "hflip": False, "epochs": 2, "weight_decay": 1e-6}
 TRIALS = [{**GOOD, "lr": 3e-3}, {**GOOD, "lr": 2e-3}, {**GOOD, "lr": 1e-9}]
@@ -166,27 +163,6 @@ def test_every_model_has_a_search_space_of_train_settings():
     for space in tune.SEARCH_SPACES.values():
         assert set(space) <= settings
         assert {"lr", "weight_decay", "batch_size", "label_smoothing", "crop_pad", "epochs"} <= set(space)
-
-
-def test_two_workers_started_at_once_share_one_study_and_one_parent_run(synthetic_data_dir, tracking_store, tmp_path):
-    """Both find no parent run at the same moment and may both create one: the older is kept."""
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_RUN_ID", None)
-    command = [sys.executable, "-m", "pipeline", "tune", "--model", "dnn", "--n-trials", "2", "--study-name", "shared"]
-    command += ["--storage", storage, "--val-size", "100", "--max-steps", "4", "--pruner", "none"]
-    command += ["--allow-other-data", "--data-dir", str(synthetic_data_dir)]
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    workers = [subprocess.Popen(command, env=env, **pipes) for _ in range(2)]
-    outputs = [worker.communicate(timeout=240) for worker in workers]
-    assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for _, err in outputs]
-
-    study = optuna.load_study(study_name="shared", storage=storage)
-    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 4
-    parents = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.stage = '{tracking.STUDY_STAGE}'")
-    assert len(parents) == 1 and study.user_attrs[tune.PARENT_RUN_ATTR] == parents.run_id[0]
-    assert len(child_runs(parents.run_id[0])) == 4  # both workers' trials, under the one parent
-    assert all(f"Parent run id: {parents.run_id[0]}" in out for out, _ in outputs)
 
 
 def test_a_worker_that_loses_the_race_for_the_parent_run_deletes_its_own(tracking_store, monkeypatch):
