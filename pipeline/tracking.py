@@ -384,10 +384,11 @@ def claim_study_run(study_name: str, run_name: str, experiment: str | None = Non
     configure(experiment)
     client = mlflow.MlflowClient()
     experiment_id = mlflow.get_experiment_by_name(experiment_name(experiment)).experiment_id
-    query = f"tags.stage = '{STUDY_STAGE}' and tags.study = '{study_name}'"
 
     def oldest() -> str | None:
-        runs = client.search_runs([experiment_id], query, max_results=100)
+        # The study's name is matched here, not in the filter string, where a quote in it would break the query.
+        studies = client.search_runs([experiment_id], f"tags.stage = '{STUDY_STAGE}'", max_results=1000)
+        runs = [r for r in studies if r.data.tags.get("study") == study_name]
         return min(runs, key=lambda r: (r.info.start_time, r.info.run_id)).info.run_id if runs else None
 
     if (found := oldest()) is not None:

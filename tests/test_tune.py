@@ -181,8 +181,8 @@ def test_a_worker_that_loses_the_race_for_the_parent_run_deletes_its_own(trackin
         return real_create(self, experiment_id, **kwargs)
 
     monkeypatch.setattr(mlflow.MlflowClient, "create_run", another_worker_first)
-    assert tracking.claim_study_run("raced", "tune raced") == other[0]
+    assert tracking.claim_study_run("it's raced", "tune raced") == other[0]
     experiment_id = mlflow.get_experiment_by_name("tests").experiment_id
     deleted = mlflow.MlflowClient().search_runs([experiment_id], run_view_type=ViewType.DELETED_ONLY)
     assert len(deleted) == 1 and deleted[0].info.run_id != other[0]  # ours, not theirs
-    assert tracking.claim_study_run("raced", "tune raced") == other[0]  # and a later worker finds theirs
+    assert tracking.claim_study_run("it's raced", "tune raced") == other[0]  # and a later worker finds theirs
