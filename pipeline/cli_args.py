@@ -222,6 +222,12 @@ _TRAIN_SETTINGS = (
         default=TrainConfig.channels_last,
         help="NHWC memory layout for conv layers.",
     ),
+    click.option(
+        "--compile/--no-compile",
+        default=TrainConfig.compile,
+        help="torch.compile (inductor) the training step's model; compiled code is cached on disk, so a "
+        "second run skips most of the compile. Off by default: slower than eager on the CPUs measured.",
+    ),
     ALLOW_OTHER_DATA,
     click.option(
         "--checkpoint-every",

@@ -108,6 +108,10 @@ class TrainConfig:
     # bf16, auto picks fp16 autocast with a gradient scaler.
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     channels_last: bool = True
+    # torch.compile (inductor) for the training forward and backward; evaluation stays eager.
+    # Off by default: on every CPU `pipeline bench` has measured, its kernels for batch norm,
+    # ReLU and pooling were slower than eager's oneDNN ones (README, Performance).
+    compile: bool = False
     # Train on files whose SHA-256 differs from Fashion-MNIST's (own data in the same IDX format).
     allow_other_data: bool = False
     # A resumable checkpoint is saved at the end of every epoch, and also every N steps if > 0.

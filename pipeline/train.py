@@ -13,8 +13,10 @@ training images, evaluated every epoch beside (or, in tuning, instead of) the te
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,6 +95,9 @@ class Trainer:
 
     config: TrainConfig
     model: nn.Module
+    # What the training step calls: `model` itself, or its torch.compile'd wrapper (--compile).
+    # Evaluation, checkpoints and export always use `model`.
+    forward: Callable[[torch.Tensor], torch.Tensor]
     optimizer: torch.optim.Optimizer
     device: torch.device
     precision: str  # resolved: fp32, bf16 or fp16
@@ -200,6 +205,7 @@ def setup(config: TrainConfig, world: distributed.World | None = None) -> Traine
     return Trainer(
         config=config,
         model=model,
+        forward=compiled(model) if config.compile else model,
         optimizer=optimizer,
         device=device,
         precision=precision,
@@ -222,6 +228,37 @@ def setup(config: TrainConfig, world: distributed.World | None = None) -> Traine
         val_x=val_x,
         val_y=val_y,
     )
+
+
+# torch.compile's on-disk cache (inductor's FX graphs and AOTAutograd's), which lets a second run
+# skip most of the compile.
+INDUCTOR_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def compile_cache_dir() -> Path:
+    """Where torch.compile caches: $TORCHINDUCTOR_CACHE_DIR if the user set it, else ~/.cache
+    (torch's default in /tmp is emptied by a reboot).
+
+    Under the AVX2 cap the cache is a separate folder: inductor's cache key leaves the cap out, and
+    kernels compiled for the full CPU, served to a capped process, computed garbage (seen with
+    torch 2.14.1: out-of-range indices in max-pool's backward).
+    """
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    # Importing parts of torch (the fused optimizers do) writes torch's default into the
+    # environment, so "set" alone doesn't tell the user's choice from torch's.
+    given = os.environ.get(INDUCTOR_CACHE_ENV)
+    if given and os.path.abspath(given) != os.path.abspath(default_cache_dir()):
+        return Path(given)
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")  # set by hardware.limit_to_avx2
+    name = f"torchinductor-{capability.lower()}" if capability else "torchinductor"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fashion-pipeline" / name
+
+
+def compiled(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`model` under torch.compile (inductor), compiled on its first call, cached on disk."""
+    os.environ[INDUCTOR_CACHE_ENV] = str(compile_cache_dir())
+    return torch.compile(model)
 
 
 def distributed_params(world: distributed.World, global_batch: int) -> dict[str, Any]:
@@ -277,7 +314,7 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
         if t.augment is not None:
             images = augment_batch(images, config.crop_pad, config.hflip, t.augment)
         with torch.autocast(t.device.type, dtype=autocast_dtype, enabled=t.precision in AUTOCAST_DTYPES):
-            logits = model(images.contiguous(memory_format=t.layout))
+            logits = t.forward(images.contiguous(memory_format=t.layout))
         loss = F.cross_entropy(logits.float(), t.train_y[index], label_smoothing=config.label_smoothing)
         if t.world.distributed:
             # DDP averages the ranks' gradients; weighting each shard by its size makes that the

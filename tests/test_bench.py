@@ -304,3 +304,44 @@ def test_onnxruntime_gemm_ceiling_is_measured():
     from pipeline.bench.flops import ort_gemm_gflops
 
     assert ort_gemm_gflops(size=256, seconds=0.05) > 0.1
+
+
+def test_the_report_says_what_the_training_target_asks_of_the_machine_and_whether_compile_won():
+    from pipeline.bench.report import ceiling_line, compile_line, limit_fractions
+
+    flops = 3 * 8e6  # training FLOPs per image
+    results = {
+        "config": {"rounds": 3},
+        "limits": {"fp32_gemm_gflops": 100.0, "bf16_gemm_gflops": None},
+        "inference": {},
+        "training": {
+            "cnn": {
+                "levers": {"precision": "fp32"},
+                "chapter": {"train_images_per_s": 1000.0},
+                "ours_gflops": 2000 * flops / 1e9,
+                "training_flops_per_image": flops,
+            }
+        },
+    }
+    headline = limit_fractions(results)
+    # 2.5 x 1,000 images/s x 24 MFLOP = 60 GFLOP/s: 60 % of a 100 GFLOP/s limit; at the limit, 100/24 = 4.2x.
+    assert headline["train_target_fraction_of_limit"] == pytest.approx(0.60)
+    assert headline["train_ratio_at_limit"] == pytest.approx(100e9 / flops / 1000)
+    assert headline["train_fraction_of_limit"] == pytest.approx(0.48)
+    line = ceiling_line({**results, "headline": headline})
+    assert "2,500 images/s, 60% of the fp32 GEMM limit (ours runs at 48%)" in line and "4.2x" in line
+
+    assert compile_line(results) is None  # quick mode does not measure it
+    timed = {
+        "levers": "fp32 + channels_last",
+        "eager_seconds_per_step": 0.030,
+        "compiled_seconds_per_step": 0.035,
+        "step_speedup": 30 / 35,
+        "compile_s_cold_cache": 13.0,
+        "compile_s_warm_cache": 1.2,
+        "eager_5_epochs_train_s": 90.0,
+        "compiled_5_epochs_train_s": 106.2,
+        "adopted": False,
+    }
+    line = compile_line({**results, "compile": timed})
+    assert "35.0 ms/step against eager's 30.0 (0.86x)" in line and line.endswith("not adopted (`--compile` stays off).")

@@ -215,3 +215,55 @@ def test_a_training_checkpoint_is_loaded_without_running_pickles(tmp_path):
     torch.save({"model": {}}, path)
     with pytest.raises(PipelineError, match="not a training checkpoint"):
         load_training_state(path)
+
+
+def test_compile_trains_the_same_model_as_eager_and_caches_its_code_on_disk(synthetic_data_dir, tmp_path, monkeypatch):
+    import torch._inductor.config as inductor_config
+
+    from pipeline.train import INDUCTOR_CACHE_ENV
+
+    cache = tmp_path / "inductor"
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(cache))
+    # Inductor draws dropout masks from its own generator; eager's makes the two runs comparable.
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+
+    def run(compile):
+        return train(
+            TrainConfig(
+                model="dnn",
+                max_steps=3,
+                batch_size=32,
+                precision="fp32",
+                compile=compile,
+                data_dir=synthetic_data_dir,
+                allow_other_data=True,
+            )
+        )
+
+    eager, compiled = run(False), run(True)
+    assert compiled.params["compile"] is True and eager.params["compile"] is False
+    # The result is the plain model (no torch.compile wrapper in its state dict or its export).
+    assert list(compiled.model.state_dict()) == list(eager.model.state_dict())
+    for name, weight in eager.model.state_dict().items():
+        torch.testing.assert_close(compiled.model.state_dict()[name], weight, rtol=1e-4, atol=1e-5, msg=name)
+    assert compiled.metrics["train_loss"] == pytest.approx(eager.metrics["train_loss"], rel=1e-4)
+    assert any((cache / "fxgraph").rglob("*")), "the compiled graph was not cached on disk"
+
+
+def test_compile_cache_is_the_users_else_one_per_isa_cap_under_the_user_cache(tmp_path, monkeypatch):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from pipeline.train import INDUCTOR_CACHE_ENV, compile_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"
+    # torch writes its own default into the environment on import; that is not the user's choice.
+    monkeypatch.setenv(INDUCTOR_CACHE_ENV, default_cache_dir())
+    assert compile_cache_dir() == tmp_path / "fashion-pipeline" / "torchinductor"
+    monkeypatch.delenv(INDUCTOR_CACHE_ENV)
+    assert compile_cache_dir() == tmp_path / "fashion-pipeline" / "torchinductor"
+    # Kernels built for the full CPU must never be served to a process capped at AVX2.
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert compile_cache_dir() == tmp_path / "fashion-pipeline" / "torchinductor-avx2"

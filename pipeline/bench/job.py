@@ -18,7 +18,13 @@ from pipeline.bench.inference import bench_inference, bench_onnxruntime_levers, 
 from pipeline.bench.machine import bench_memory, gemm_limits, machine
 from pipeline.bench.recipe import bench_recipe
 from pipeline.bench.report import headline, verdicts
-from pipeline.bench.training import bench_data_feeding, bench_levers, bench_tracking_overhead, bench_training
+from pipeline.bench.training import (
+    bench_compile,
+    bench_data_feeding,
+    bench_levers,
+    bench_tracking_overhead,
+    bench_training,
+)
 
 
 def time_full_job(model_name: str = "cnn") -> dict[str, Any]:
@@ -87,6 +93,9 @@ def run_benchmarks(
     results["training"] = bench_training(cfg)
     progress("training levers")
     results["levers"] = bench_levers(cfg)
+    if not cfg.quick:  # a compile in an empty cache alone takes longer than the quick bench's training
+        progress("torch.compile against eager, compile time included")
+        results["compile"] = bench_compile(cfg)
     progress("data feeding: DataLoader vs tensor slicing")
     results["data_feeding"] = bench_data_feeding(cfg)
     progress("MLflow overhead")

@@ -15,8 +15,9 @@ from typing import Any
 from pipeline.bench.flops import TRAINING_FLOPS_PER_FORWARD
 from pipeline.files import write_text
 
+TRAIN_RATIO_TARGET = 2.5
 TARGETS = (
-    ("CNN training throughput >= 2.5x the chapter's loop", "cnn_train_ratio", 2.5),
+    ("CNN training throughput >= 2.5x the chapter's loop", "cnn_train_ratio", TRAIN_RATIO_TARGET),
     ("5-epoch CNN job <= 1/4 of the chapter's 5-epoch loop", "job_fraction", 0.25),
     ("onnxruntime fp32 >= 6x torch eager at batch 256", "ort_vs_eager_256", 6.0),
     ("int8 >= 1.3x fp32 at batch 256", "int8_vs_fp32_256", 1.3),
@@ -100,9 +101,14 @@ def limit_fractions(results: dict[str, Any]) -> dict[str, float | None]:
     ort_gflops = at_256["images_per_s"] * forward_flops / 1e9 if at_256 else None
     # onnxruntime against the better fp32 ceiling (its own counts even when torch is capped at AVX2).
     ort_limit = max(limits["fp32_gemm_gflops"], limits.get("fp32_onnxruntime_matmul_gflops") or 0)
+    # What the training target asks of the hardware: the chapter's loop at the target ratio, in
+    # GFLOP/s, against the limit. Above 1, no implementation of the same model could reach it.
+    needed_gflops = TRAIN_RATIO_TARGET * cnn["chapter"]["train_images_per_s"] * cnn["training_flops_per_image"] / 1e9
     return {
         "train_gflops": cnn["ours_gflops"],
         "train_fraction_of_limit": cnn["ours_gflops"] / train_limit if train_limit else None,
+        "train_target_fraction_of_limit": needed_gflops / train_limit if train_limit else None,
+        "train_ratio_at_limit": TRAIN_RATIO_TARGET * train_limit / needed_gflops if train_limit else None,
         "ort_gflops_256": ort_gflops,
         "ort_fraction_of_limit": ort_gflops / ort_limit if ort_gflops else None,
     }
@@ -157,6 +163,32 @@ def machine_line(results: dict[str, Any]) -> str:
         f"Mode: {'quick' if config['quick'] else 'full'}, "
         f"{config['train_steps']} training steps per measurement; training, lever and MLflow figures "
         f"are medians of {config['rounds']} alternating rounds."
+    )
+
+
+def ceiling_line(results: dict[str, Any]) -> str:
+    h, cnn = results["headline"], results["training"]["cnn"]
+    return (
+        f"What the training target asks of this machine: {TRAIN_RATIO_TARGET}x the chapter's loop is "
+        f"{TRAIN_RATIO_TARGET * cnn['chapter']['train_images_per_s']:,.0f} images/s, "
+        f"{h['train_target_fraction_of_limit']:.0%} of the {cnn['levers']['precision']} GEMM limit (ours "
+        f"runs at {h['train_fraction_of_limit']:.0%}); at 100 % of the limit the ratio would be "
+        f"{h['train_ratio_at_limit']:.1f}x."
+    )
+
+
+def compile_line(results: dict[str, Any]) -> str | None:
+    if "compile" not in results:
+        return None
+    c = results["compile"]
+    verdict = "adopted." if c["adopted"] else "not adopted (`--compile` stays off)."
+    return (
+        f"torch.compile (inductor, {c['levers']}, median of {results['config']['rounds']} processes each): "
+        f"{c['compiled_seconds_per_step'] * 1000:.1f} ms/step against eager's "
+        f"{c['eager_seconds_per_step'] * 1000:.1f} ({c['step_speedup']:.2f}x); compiling took "
+        f"{c['compile_s_cold_cache']:.1f} s with an empty cache and {c['compile_s_warm_cache']:.1f} s with a "
+        f"warm one, so 5 epochs would train in {c['compiled_5_epochs_train_s']:,.0f} s against "
+        f"{c['eager_5_epochs_train_s']:,.0f} s: {verdict}"
     )
 
 
@@ -221,6 +253,7 @@ SECTIONS: tuple[Table | Callable[[dict[str, Any]], str | None], ...] = (
         ),
         lambda results: ({"model": name, **row} for name, row in results["training"].items()),
     ),
+    ceiling_line,
     full_job_line,
     Table(
         "The faster recipe against the chapter CNN's 5-epoch training (same run, tracking off; wall time "
@@ -254,6 +287,7 @@ SECTIONS: tuple[Table | Callable[[dict[str, Any]], str | None], ...] = (
         ),
         lambda results: results["levers"],
     ),
+    compile_line,
     Table(
         "Inference, end to end from uint8 arrays (images/s, p50 / p99 batch latency in ms):",
         (

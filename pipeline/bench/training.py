@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -13,10 +16,11 @@ import torch
 from pipeline.bench.config import CHAPTER_BATCH, CHAPTER_EVAL_EVERY, EPOCH_STEPS, BenchConfig
 from pipeline.bench.flops import TRAINING_FLOPS_PER_FORWARD, forward_flops
 from pipeline.bench.timing import medians
+from pipeline.callbacks import TrainCallback
 from pipeline.data import load_split
 from pipeline.evaluate import images_to_tensor
 from pipeline.models import build_model
-from pipeline.train import TrainConfig, native_bf16, resolve_precision, train
+from pipeline.train import INDUCTOR_CACHE_ENV, TrainConfig, native_bf16, resolve_precision, train
 
 
 def chapter_loop(data_dir: Path, model_name: str, steps: int, seed: int = 0) -> dict[str, float]:
@@ -191,6 +195,72 @@ def bench_levers(cfg: BenchConfig) -> list[dict[str, Any]]:
         row["train_speedup"] = row["train_images_per_s"] / base["train_images_per_s"]
         row["eval_speedup"] = base["seconds_per_evaluation"] / row["seconds_per_evaluation"]
     return rows
+
+
+class StepClock(TrainCallback):
+    """When training started and when each step ended, to tell the first step (which compiles
+    under torch.compile) from the steady ones."""
+
+    def on_train_start(self, params: dict[str, Any]) -> None:
+        self.times = [time.perf_counter()]
+
+    def on_step(self, step: int, loss: float, images: int) -> None:
+        self.times.append(time.perf_counter())
+
+
+def step_times(data_dir: Path, steps: int, compile: bool) -> dict[str, float]:
+    """Our CNN training with the default levers, eager or compiled: the first step and the mean of the rest."""
+    clock = StepClock()
+    train(TrainConfig(model="cnn", max_steps=steps, data_dir=data_dir, compile=compile, test_eval="never"), [clock])
+    first, rest = clock.times[1] - clock.times[0], clock.times[-1] - clock.times[1]
+    return {"first_step_s": first, "seconds_per_step": rest / (steps - 1)}
+
+
+# One measurement per process: a compile's cost shows only in a process that has not compiled yet.
+STEP_TIMES_PROBE = (
+    "import json, sys; from pathlib import Path; from pipeline.bench.training import step_times;"
+    "print(json.dumps(step_times(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == 'compile')))"
+)
+
+
+def bench_compile(cfg: BenchConfig) -> dict[str, Any]:
+    """torch.compile (inductor) against eager on the default levers, compile time included: one
+    compiling process with an empty on-disk cache, then eager and warm-cache processes in
+    alternation. Adopted only if 5 epochs with the warm cache's compile beat 5 eager epochs."""
+    steps = max(cfg.train_steps // 2, LEVER_MIN_STEPS)
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, INDUCTOR_CACHE_ENV: cache}
+
+        def measure(mode: str) -> dict[str, float]:
+            done = subprocess.run(
+                [sys.executable, "-c", STEP_TIMES_PROBE, str(cfg.data_dir), str(steps), mode],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
+            if done.returncode != 0:
+                raise RuntimeError(f"the {mode} training probe failed:\n{done.stderr[-2000:]}")
+            return json.loads(done.stdout.strip().splitlines()[-1])
+
+        cold = measure("compile")
+        pairs = [(measure("eager"), measure("compile")) for _ in range(cfg.rounds)]
+    eager, warm = medians([e for e, _ in pairs]), medians([w for _, w in pairs])
+    epochs_steps = 5 * EPOCH_STEPS
+    eager_5_epochs = epochs_steps * eager["seconds_per_step"]
+    compiled_5_epochs = epochs_steps * warm["seconds_per_step"] + warm["first_step_s"]
+    return {
+        "levers": describe_levers(**default_levers()),
+        "steps": steps,
+        "eager_seconds_per_step": eager["seconds_per_step"],
+        "compiled_seconds_per_step": warm["seconds_per_step"],
+        "step_speedup": eager["seconds_per_step"] / warm["seconds_per_step"],
+        # The first step's extra time over eager's first step: tracing, code generation, C++ builds.
+        "compile_s_cold_cache": cold["first_step_s"] - eager["first_step_s"],
+        "compile_s_warm_cache": warm["first_step_s"] - eager["first_step_s"],
+        "eager_5_epochs_train_s": eager_5_epochs,
+        "compiled_5_epochs_train_s": compiled_5_epochs,
+        "adopted": compiled_5_epochs < eager_5_epochs,
+    }
 
 
 def bench_data_feeding(cfg: BenchConfig) -> dict[str, float]:
