@@ -345,3 +345,12 @@ def test_the_report_says_what_the_training_target_asks_of_the_machine_and_whethe
     }
     line = compile_line({**results, "compile": timed})
     assert "35.0 ms/step against eager's 30.0 (0.86x)" in line and line.endswith("not adopted (`--compile` stays off).")
+
+
+def test_the_job_line_splits_training_from_everything_else():
+    from pipeline.bench.report import full_job_line
+
+    job = {"seconds": 60.0, "test_accuracy": 0.909, "onnx_test_accuracy": 0.909, "wall_time_s": 45.0}
+    line = full_job_line({"full_job": job, "headline": {"job_fraction": 0.3, "chapter_5_epochs_s": 200.0}})
+    assert "took 45 s of it (0.23 of the chapter's loop); the rest, 15 s," in line
+    assert full_job_line({"headline": {}}) is None  # quick mode runs no job

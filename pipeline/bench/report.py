@@ -201,6 +201,14 @@ def full_job_line(results: dict[str, Any]) -> str | None:
         f"accuracy {job['test_accuracy']:.2%}, ONNX accuracy {job.get('onnx_test_accuracy') or 0:.2%}; "
         f"{h['job_fraction']:.2f} of the chapter's 5-epoch loop ({h['chapter_5_epochs_s']:,.0f} s, "
         "extrapolated from its measured step and evaluation times)."
+        + (
+            f" Training with its per-epoch evaluations took {job['wall_time_s']:,.0f} s of it "
+            f"({job['wall_time_s'] / h['chapter_5_epochs_s']:.2f} of the chapter's loop); the rest, "
+            f"{job['seconds'] - job['wall_time_s']:,.0f} s, is process starts, imports, the data check, "
+            "model logging, the evaluation report, the ONNX export and parity."
+            if job.get("wall_time_s")
+            else ""
+        )
     )
 
 
