@@ -1,12 +1,27 @@
-"""The training callback and tuning observer protocols, kept free of torch (and optuna) so tracking
-code can implement them without importing either (the onnxruntime predictor shares the tracking module)."""
+"""What training hands its observers: the callback and tuning observer protocols and the training
+result. Kept free of torch (and optuna) at run time, so tracking code can implement them without
+importing either (the onnxruntime predictor shares the tracking package)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pipeline.train import TrainResult
+    import numpy as np
+    import torch
+    from torch import nn
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    params: dict[str, Any]
+    metrics: dict[str, float]  # final: test_accuracy, test_loss, [val_...], train_loss, wall_time_s, ...
+    history: list[dict[str, float]]  # one row per evaluation (epoch end, or max-steps end)
+    example_input: np.ndarray  # two test (else validation) images, float32 (2, 1, 28, 28): for model signatures
+    # The final model's logits on the whole test set (CPU), when its last evaluation included the test set.
+    test_logits: torch.Tensor | None = None
 
 
 class TrainCallback:

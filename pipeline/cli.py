@@ -7,6 +7,7 @@ instant and Click rejects a bad option value before any of them is loaded.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -55,9 +56,15 @@ def echo_err(message: str) -> None:
 def cli() -> None:
     """Fashion-MNIST pipeline: download -> train -> evaluate -> export-onnx -> predict.
 
-    Every stage logs to MLflow: by default a sqlite store in mlruns/ at the project root
-    (`make ui` browses it); set MLFLOW_TRACKING_URI to use another store.
+    Every stage logs to MLflow: by default MLflow's own default store, mlflow.db at the project
+    root with artifacts in mlruns/ (`make ui` browses it); set MLFLOW_TRACKING_URI to use another store.
     """
+    # What the library says on the side (a store it moved, a run in an unexpected experiment): one line each.
+    notes = logging.getLogger("pipeline")
+    if not notes.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("note: %(message)s"))
+        notes.addHandler(handler)
 
 
 @cli.command("download")
@@ -211,7 +218,7 @@ def run_command(quantize: str, reuse: bool, register: bool, experiment: str | No
     metavar="URL",
     default=None,
     help="Optuna RDB storage shared by resumes and parallel workers, e.g. postgresql://user@host/optuna.  "
-    "[default: sqlite optuna.db beside the tracking store, in mlruns/]",
+    "[default: a sqlite database beside a sqlite tracking store (mlflow-optuna.db for the project's)]",
 )
 @click.option(
     "--val-size",
@@ -303,7 +310,7 @@ def tune_command(
     "--model-uri",
     metavar="URI",
     default=None,
-    help="Evaluate this model instead: runs:/<run_id>/model, models:/<model_id> or models:/<name>/<version>. "
+    help="Evaluate this model instead: runs:/<run_id>/pytorch_model, models:/<model_id> or models:/<name>/<version>. "
     "Results go into the run that logged it.  [default: none]",
 )
 @cli_args.DATA_DIR
@@ -671,7 +678,7 @@ def server_group() -> None:
     "--db",
     type=click.Choice(DATABASES),
     default=ServerConfig.db,
-    help="sqlite: the project store (mlruns/mlflow.db); postgresql: a cluster of its own in FOLDER/postgresql.",
+    help="sqlite: the project store (mlflow.db); postgresql: a cluster of its own in FOLDER/postgresql.",
 )
 @click.option("--host", default=ServerConfig.host, help="Interface to listen on; 0.0.0.0 for the whole network.")
 @click.option("--port", type=click.IntRange(1, 65535), default=ServerConfig.port, help="Port to listen on.")

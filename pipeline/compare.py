@@ -1,7 +1,7 @@
 """Compare evaluated runs side by side: is the CNN really better than the DNN, and where?
 
-Input is the pandas frame of `mlflow.search_runs` (through tracking.search_runs), so any
-run with `pipeline evaluate`'s per-class metrics can take part. The first run is the
+Input is a frame of runs (runs_frame, from tracking.search_runs's records), so any run with
+`pipeline evaluate`'s per-class metrics can take part. The first run is the
 baseline; each other run gets a per-class difference column with an approximate 95 %
 noise margin, and a one-line verdict built from those numbers.
 
@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -26,11 +27,31 @@ from pipeline.config import class_metric_name as class_metric
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write
 
+if TYPE_CHECKING:
+    from pipeline.tracking import RunRecord
+
 KEY_PARAMS = ("epochs", "batch_size", "lr", "seed")
 OVERALL_METRICS = ("test_accuracy", "test_loss", "test_macro_f1")
 Z_95 = 1.96
 COMPARE_CSV = "compare.csv"
 COMPARE_PNG = "per_class_accuracy.png"
+
+
+def runs_frame(records: Iterable[RunRecord]) -> pd.DataFrame:
+    """One row per run: run_id, experiment_id, status, start_time, then a `params.<name>` column per
+    param (text) and a `metrics.<name>` column per metric (latest value), as the store holds them."""
+    rows = [
+        {
+            "run_id": r.run_id,
+            "experiment_id": r.experiment_id,
+            "status": r.status,
+            "start_time": pd.Timestamp(r.start_time, unit="s", tz="UTC"),
+            **{f"params.{k}": v for k, v in r.params.items()},
+            **{f"metrics.{k}": float(v) for k, v in r.metrics.items()},
+        }
+        for r in records
+    ]
+    return pd.DataFrame(rows, columns=None if rows else ["run_id", "experiment_id", "status", "start_time"])
 
 
 def class_names_of(runs: pd.DataFrame) -> list[str]:

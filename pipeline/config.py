@@ -71,6 +71,17 @@ def project_root() -> Path:
     return Path.cwd()
 
 
+def project_store() -> Path:
+    """The project's tracking store: MLflow's own default (sqlite:///mlflow.db at the root), so `mlflow run`,
+    `mlflow ui` and `pipeline` started from the root with nothing exported all use one store."""
+    return project_root() / "mlflow.db"
+
+
+def artifact_root(database: Path) -> Path:
+    """Where a sqlite store's artifacts go: mlruns/ beside the database, as MLflow's own default has them."""
+    return database.parent / "mlruns"
+
+
 def default_data_dir() -> Path:
     env = os.environ.get(DATA_DIR_ENV)
     return Path(env) if env else project_root() / "data"

@@ -30,8 +30,8 @@ if TYPE_CHECKING:
     from pipeline.evaluate import Evaluation
     from pipeline.parity import ParityResult, QuantizedCheckResult
     from pipeline.predict import PredictConfig, PredictSummary
-    from pipeline.registry import Promotion, Registration
     from pipeline.server import ServerConfig, ServerInfo
+    from pipeline.tracking.registry import Promotion, Registration
     from pipeline.tune import StudyResult, TuneConfig
 
 
@@ -144,20 +144,14 @@ def train_model(config: TrainConfig, experiment: str | None = None, reuse: bool 
     t = setup(config)
     with tracking.run(run_name=run_name(config), experiment=experiment, system_metrics=config.system_metrics) as active:
         key = _train_key(t)
-        if reuse and (earlier := tracking.finished_stage_run("train", key)) is not None:
-            tracking.mark_reused("train", earlier.info.run_id, active.info.run_id)
-            model_uri = earlier.data.tags.get(tracking.MODEL_URI_TAG, f"runs:/{earlier.info.run_id}/model")
+        if earlier := _reused("train", key, reuse, active.run_id):
+            model_uri = earlier.tag(tracking.MODEL_URI_TAG) or f"runs:/{earlier.run_id}/{tracking.TORCH_MODEL_NAME}"
             return TrainJob(
-                earlier.info.run_id,
-                config.model,
-                model_uri,
-                earlier.data.metrics,
-                reused=True,
-                job_run_id=active.info.run_id,
+                earlier.run_id, config.model, model_uri, dict(earlier.metrics), reused=True, job_run_id=active.run_id
             )
-        job = _fit_and_log(t, tracking.MlflowTrainCallback(), active.info.run_id)
+        job = _fit_and_log(t, tracking.MlflowTrainCallback(), active.run_id)
         tracking.mark_stage_done("train", key)
-        tracking.finish_stage(active.info.run_id, "train")
+        tracking.finish_stage(active.run_id, "train")
     return job
 
 
@@ -176,7 +170,7 @@ def resume_training(run_id: str, data_dir: Path | None = None) -> TrainJob:
     if World.from_env().distributed:
         raise PipelineError("--resume continues a run in one process; run it without torchrun")
     found = tracking.resumable_run(run_id)
-    params = found.data.params
+    params = found.params
     t = setup(train_config_from_params(params, **({"data_dir": data_dir} if data_dir else {})))
     changed = [k.removeprefix("sha256_") for k, v in t.params.items() if k.startswith("sha256_") and params.get(k) != v]
     if changed:
@@ -198,6 +192,24 @@ def _train_key(t) -> str | None:
     from pipeline import tracking
 
     return tracking.stage_key("train", {k: v for k, v in t.params.items() if k not in NOT_IN_TRAIN_KEY})
+
+
+def _reused(stage: str, key: str | None, reuse: bool, job_run_id: str | None, run_id: str | None = None):
+    """With `reuse`, the FINISHED run whose `stage` outputs for `key` stand in for running the stage
+    again (`run_id` itself, or the newest in the experiment); the job's run points to it. Else None."""
+    from pipeline import tracking
+
+    return tracking.reuse_stage(stage, key, job_run_id, run_id) if reuse else None
+
+
+def _run_model(run_id: str, in_process: InProcessModel | None, test_images: np.ndarray, batch_size: int):
+    """The run's model, class names and test-set logits: from this process's training when it has
+    them (logits computed once for every stage), else loaded from the store (logits None)."""
+    from pipeline import tracking
+
+    if in_process is None:
+        return (*tracking.load_run_model(run_id), None)
+    return in_process.model, in_process.class_names, in_process.logits_for(test_images, batch_size)
 
 
 def _fit_and_log(t, callback, run_id: str) -> TrainJob:
@@ -301,19 +313,19 @@ def tune_model(
     if parent_id is None:
         parent_id = tracking.claim_study_run(config.study_name, run_name, experiment)
         study.set_user_attr(tune.PARENT_RUN_ATTR, parent_id)
-    tags = {"stage": tracking.STUDY_STAGE, "study": config.study_name}
+    tags = {tracking.STAGE_TAG: tracking.STUDY_STAGE, "study": config.study_name}
     with tracking.run(run_id=parent_id, run_name=run_name, experiment=experiment, tags=tags) as run:
         progress(f"Study {config.study_name!r} in {tune.safe_url(config.storage)}: {len(study.trials)} trials so far.")
         tune.optimize(study, config, [tracking.MlflowTrialObserver(), tune.ProgressLines(progress)])
         result = tune.summarize(study, config)
         tracking.log_study(tune.study_settings(config), result)
-        job = TuneJob(result, run.info.run_id)
+        job = TuneJob(result, run.run_id)
         if retrain_best:
             progress(f"Retraining trial {result.best_number}'s settings on the full training set.")
             trainer = setup(tune.retrain_config(config, result.best_params))
-            run_tags = {"stage": "train", "study": config.study_name, "trial": str(result.best_number)}
+            run_tags = {tracking.STAGE_TAG: "train", "study": config.study_name, "trial": str(result.best_number)}
             with tracking.child_run(f"{config.model} best of {config.study_name}", tags=run_tags) as child:
-                job.retrained = _fit_and_log(trainer, tracking.MlflowTrainCallback(), child.info.run_id)
+                job.retrained = _fit_and_log(trainer, tracking.MlflowTrainCallback(), child.run_id)
             tracking.log_metrics({"retrained_test_accuracy": job.retrained.metrics["test_accuracy"]})
     if job.retrained is not None:
         # After the study's run has closed: export and register open the retrained run themselves.
@@ -357,16 +369,10 @@ def evaluate_run(
     run_id = tracking.run_id_for_model(model_uri) if model_uri else tracking.model_run(run_id)
     split = load_split(data_dir, "test")
     key = tracking.stage_key("evaluate", {"run_id": run_id, "batch_size": batch_size, **split.digests})
-    if reuse and tracking.finished_stage_run("evaluate", key, run_id) is not None:
-        tracking.mark_reused("evaluate", run_id, job_run or run_id)
+    if _reused("evaluate", key, reuse, job_run or run_id, run_id):
         return EvaluateJob(run_id, None, [], reused=True)
-    if in_process is None:
-        model, class_names = tracking.load_run_model(run_id)
-        result = evaluate(model, split.images, split.labels, class_names, batch_size)
-    else:
-        model, class_names = in_process.model, in_process.class_names
-        logits = in_process.logits_for(split.images, batch_size)
-        result = evaluate(model, split.images, split.labels, class_names, batch_size, logits=logits)
+    model, class_names, logits = _run_model(run_id, in_process, split.images, batch_size)
+    result = evaluate(model, split.images, split.labels, class_names, batch_size, logits=logits)
     history = tracking.metric_history(run_id, CURVE_METRICS)
     # Logged at the run's last training step, so these become the run's latest values.
     last_step = int(history["step"].max()) if len(history) else 0
@@ -394,11 +400,11 @@ class CompareJob:
 def compare_runs(experiment: str | None, run_ids: tuple[str, ...], output_dir: Path) -> CompareJob:
     """Evaluated runs side by side; the table and chart go to `output_dir` and to a comparison run in MLflow."""
     from pipeline import tracking
-    from pipeline.compare import compare, overall_metrics, select_runs, write_outputs
+    from pipeline.compare import compare, overall_metrics, runs_frame, select_runs, write_outputs
     from pipeline.config import slug
     from pipeline.evaluate import PER_CLASS_CSV
 
-    selected = select_runs(tracking.search_runs(experiment, run_ids), run_ids)
+    selected = select_runs(runs_frame(tracking.search_runs(experiment, run_ids)), run_ids)
     supports = {}  # test images per class, for the noise margins
     for run_id in selected["run_id"]:
         try:
@@ -513,18 +519,12 @@ def export_run(
     test = load_split(data_dir, "test")
     settings = {"run_id": run_id, "opset": opset, "quantize": quantize, "fold": fold, **test.digests}
     key = tracking.stage_key("export", settings)
-    if reuse and not output and (earlier := tracking.finished_stage_run("export", key, run_id)) is not None:
-        tracking.mark_reused("export", run_id, job_run)
+    if earlier := _reused("export", key, reuse and not output, job_run, run_id):
         variants = ["fp32", "int8"] if quantize == "int8" else ["fp32"]
-        uris = [earlier.data.tags[tracking.ONNX_URI_TAGS[variant]] for variant in variants]
-        models = [ExportedModel(variant, uri, None) for variant, uri in zip(variants, uris, strict=True)]
-        return ExportJob(run_id, earlier.data.params.get("model", ""), models, None, None, reused=True)
-    if in_process is None:
-        model, class_names = tracking.load_run_model(run_id)
-        torch_test_logits = None
-    else:
-        model, class_names = in_process.model, in_process.class_names
-        torch_test_logits = in_process.logits_for(test.images, TrainConfig.eval_batch_size).numpy()
+        models = [ExportedModel(variant, earlier.tags[tracking.ONNX_URI_TAGS[variant]], None) for variant in variants]
+        return ExportJob(run_id, earlier.params.get("model", ""), models, None, None, reused=True)
+    model, class_names, logits = _run_model(run_id, in_process, test.images, TrainConfig.eval_batch_size)
+    torch_test_logits = None if logits is None else logits.numpy()
     model_name = model.registry_name
     target = export.resolve_output(output, model_name) if output else None
     calibration = export.calibration_sample(load_split(data_dir, "train").images) if quantize == "int8" else None
@@ -594,14 +594,14 @@ def check_run_parity(run_id: str, onnx_file: Path | None, data_dir: Path) -> Par
 
 def register_run(run_id: str, name: str | None = None) -> Registration:
     """The run's ONNX model (and PyTorch twin) in the Model Registry, aliased candidate."""
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     return registry.register_run(run_id, name)
 
 
 def promote_model(name: str, version: str | None = None, force: bool = False) -> Promotion:
     """Move the champion alias: to `version`, or to the candidate if it beats the champion by more than noise."""
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     return registry.promote(name, version, force)
 

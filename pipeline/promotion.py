@@ -1,6 +1,6 @@
 """Whether a registered candidate should replace the champion: only if it is better by more than noise.
 
-Plain numbers in, a decision out (no MLflow): the registry (pipeline/registry.py) reads the
+Plain numbers in, a decision out (no MLflow): the registry (pipeline/tracking/registry.py) reads the
 accuracies from the model versions and moves the alias when told to. The noise margin is
 `pipeline compare`'s approximate 95 % binomial margin, so `promote` and `compare` agree on
 what counts as a real difference.

@@ -26,7 +26,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pipeline.config import project_root
+from pipeline.config import artifact_root, project_root, project_store
 from pipeline.errors import PipelineError
 
 DATABASES = ("sqlite", "postgresql")
@@ -41,7 +41,7 @@ def default_folder() -> Path:
 
 @dataclass
 class ServerConfig:
-    db: str = "sqlite"  # sqlite: the project store (mlruns/mlflow.db); postgresql: a cluster in `folder`
+    db: str = "sqlite"  # sqlite: the project store (mlflow.db at the root); postgresql: a cluster in `folder`
     host: str = "127.0.0.1"
     port: int = 5050  # `make ui` has 5000, the README's `mlflow models serve` 5001
     workers: int = 4  # uvicorn worker processes (MLflow's default)
@@ -211,9 +211,8 @@ def running_server(folder: Path | None = None) -> ServerInfo | None:
 def backend(config: ServerConfig) -> tuple[str, Path]:
     """The backend store URI and the artifacts folder: the project store for sqlite, the folder's own for PostgreSQL."""
     if config.db == "sqlite":
-        store = project_root() / "mlruns"
-        store.mkdir(parents=True, exist_ok=True)
-        return f"sqlite:///{store / 'mlflow.db'}", store / "artifacts"
+        database = project_store()
+        return f"sqlite:///{database}", artifact_root(database)
     return Postgres(config.folder).start(), config.folder / "artifacts"
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from pipeline import distributed, hardware, signals
 from pipeline.augment import augment_batch
-from pipeline.callbacks import TrainCallback
+from pipeline.callbacks import TrainCallback, TrainResult
 from pipeline.config import CLASS_NAMES, TrainConfig
 from pipeline.data import check_known, load_split
 from pipeline.errors import PipelineError
@@ -36,17 +36,6 @@ from pipeline.evaluate import compute_logits, images_to_tensor, loss_and_accurac
 from pipeline.models import build_model, count_parameters, model_class
 from pipeline.optim import DISPLAY_NAMES, build_optimizer, build_schedule
 from pipeline.provenance import git_commit, library_versions
-
-
-@dataclass
-class TrainResult:
-    model: nn.Module
-    params: dict[str, Any]
-    metrics: dict[str, float]  # final: test_accuracy, test_loss, [val_...], train_loss, wall_time_s, ...
-    history: list[dict[str, float]]  # one row per evaluation (epoch end, or max-steps end)
-    example_input: np.ndarray  # two test (else validation) images, float32 (2, 1, 28, 28): for model signatures
-    # The final model's logits on the whole test set (CPU), when its last evaluation included the test set.
-    test_logits: torch.Tensor | None = None
 
 
 def resolve_device(choice: str) -> torch.device:

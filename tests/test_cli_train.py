@@ -195,7 +195,7 @@ def test_interrupted_run_is_never_left_running(tracking_store, error, status):
     with pytest.raises(type(error)):
         with tracking.run(run_name="doomed") as active:
             raise error
-    assert mlflow.get_run(active.info.run_id).info.status == status
+    assert mlflow.get_run(active.run_id).info.status == status
 
 
 def test_unknown_run_id_is_a_clear_error(tracking_store):

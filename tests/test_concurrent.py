@@ -98,4 +98,4 @@ def test_an_experiment_another_process_just_created_is_used(tracking_store, monk
     tracking.configure("shared")
     with tracking.run(experiment="shared") as active:
         pass
-    assert active.info.experiment_id == theirs
+    assert active.experiment_id == theirs

@@ -123,7 +123,7 @@ def test_a_run_that_a_wrapped_sigterm_ended_is_killed_not_failed(sigterm_wrapped
     with pytest.raises(RuntimeError, match="a library's own error"):
         with sigterm_raises(), tracking.run(run_name="wrapped") as active:
             sigterm_wrapped_by_a_library()
-    assert mlflow.get_run(active.info.run_id).info.status == "KILLED"
+    assert mlflow.get_run(active.run_id).info.status == "KILLED"
 
 
 def test_sigterm_during_predict_leaves_no_output_and_exits_143(trained_onnx, tmp_path):
@@ -214,7 +214,7 @@ def test_resume_refuses_what_cannot_be_resumed(tracking_store):
     assert "no run 'deadbeef'" in resume("deadbeef")
     with pytest.raises(KeyboardInterrupt), tracking.run(run_name="killed early") as early:
         raise KeyboardInterrupt
-    assert "has no training checkpoint to resume from" in resume(early.info.run_id)
+    assert "has no training checkpoint to resume from" in resume(early.run_id)
     assert "drop --epochs" in resume(finished_id, "--epochs", "3")
 
     live = client.create_run(experiment_id, tags=alive_tags())
@@ -238,16 +238,20 @@ def test_a_resumed_run_checks_its_data(data_1200, synthetic_data_dir, tracking_s
             TrainConfig(model="dnn", epochs=2, batch_size=50, data_dir=data_1200, allow_other_data=True),
             [StopAfterCheckpoint()],
         )
-    assert mlflow.get_run(active.info.run_id).info.status == "KILLED"
-    result = CliRunner().invoke(cli, ["train", "--resume", active.info.run_id, "--data-dir", str(synthetic_data_dir)])
+    assert mlflow.get_run(active.run_id).info.status == "KILLED"
+    result = CliRunner().invoke(cli, ["train", "--resume", active.run_id, "--data-dir", str(synthetic_data_dir)])
     assert result.exit_code == 1 and "is not what run" in result.output and "train-images-idx3-ubyte" in result.output
 
 
 # ----------------------------------------------------------------- stale runs
 
 
-def alive_tags() -> dict[str, str]:
-    return {"pid": str(os.getpid()), "hostname": socket.gethostname(), "heartbeat": f"{time.time():.0f}"}
+def alive_tags(pid: int | None = None, host: str | None = None, heartbeat: float | None = None) -> dict[str, str]:
+    return {
+        tracking.PID_TAG: str(pid or os.getpid()),
+        tracking.HOSTNAME_TAG: host or socket.gethostname(),
+        tracking.HEARTBEAT_TAG: f"{heartbeat or time.time():.0f}",
+    }
 
 
 def test_runs_stale_lists_and_closes_runs_left_running_by_dead_processes(tracking_store):
@@ -259,9 +263,11 @@ def test_runs_stale_lists_and_closes_runs_left_running_by_dead_processes(trackin
     runs = {}
     for name, tags in {
         "alive": alive_tags(),
-        "dead_pid": {**alive_tags(), "pid": str(dead.pid)},
-        "old_heartbeat": {"pid": "1", "hostname": "another-host", "heartbeat": f"{time.time() - 1000:.0f}"},
-        "fresh_elsewhere": {"pid": "1", "hostname": "another-host", "heartbeat": f"{time.time():.0f}"},
+        "dead_pid": alive_tags(pid=dead.pid),
+        "old_heartbeat": alive_tags(pid=1, host="another-host", heartbeat=time.time() - 1000),
+        "fresh_elsewhere": alive_tags(pid=1, host="another-host"),
+        # Logged before the bookkeeping tags had their prefix: still read.
+        "legacy_dead_pid": {"pid": str(dead.pid), "hostname": socket.gethostname(), "heartbeat": f"{time.time():.0f}"},
     }.items():
         runs[name] = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
     with pytest.raises(KeyboardInterrupt), tracking.run(run_name="killed") as killed:
@@ -269,19 +275,19 @@ def test_runs_stale_lists_and_closes_runs_left_running_by_dead_processes(trackin
 
     listed = CliRunner().invoke(cli, ["runs", "--stale"])
     assert listed.exit_code == 0, listed.output
-    assert runs["dead_pid"] in listed.output and runs["old_heartbeat"] in listed.output
+    assert all(runs[name] in listed.output for name in ("dead_pid", "old_heartbeat", "legacy_dead_pid"))
     assert "is gone" in listed.output and "no heartbeat for 1,0" in listed.output
     for name in ("alive", "fresh_elsewhere"):
         assert runs[name] not in listed.output
-    assert killed.info.run_id not in listed.output
+    assert killed.run_id not in listed.output
     assert "--mark-failed closes them" in listed.output
     # A shorter threshold than the heartbeat interval would call live runs stale.
     assert CliRunner().invoke(cli, ["runs", "--stale", "--stale-after", "5"]).exit_code == 2
     assert CliRunner().invoke(cli, ["runs", "--mark-failed"]).exit_code == 2
 
     closed = CliRunner().invoke(cli, ["runs", "--stale", "--mark-failed"])
-    assert closed.exit_code == 0 and "Marked 2 stale run(s) FAILED." in closed.output
-    for name in ("dead_pid", "old_heartbeat"):
+    assert closed.exit_code == 0 and "Marked 3 stale run(s) FAILED." in closed.output
+    for name in ("dead_pid", "old_heartbeat", "legacy_dead_pid"):
         run = mlflow.get_run(runs[name])
         assert run.info.status == "FAILED" and run.info.end_time is not None, name
         assert run.data.tags["closed_as_stale"]
@@ -293,14 +299,14 @@ def test_runs_stale_lists_and_closes_runs_left_running_by_dead_processes(trackin
 
 def test_the_heartbeat_is_refreshed_while_a_run_is_open(tracking_store):
     with tracking.run(run_name="beating") as active:
-        run_id = active.info.run_id
+        run_id = active.run_id
         started = mlflow.get_run(run_id).data.tags
-        assert started["pid"] == str(os.getpid()) and started["hostname"] == socket.gethostname()
-        mlflow.set_tag("heartbeat", "0")
+        assert started[tracking.PID_TAG] == str(os.getpid()) and started[tracking.HOSTNAME_TAG] == socket.gethostname()
+        mlflow.set_tag(tracking.HEARTBEAT_TAG, "0")
         beat = tracking.Heartbeat(run_id, interval=0.05)
         time.sleep(0.5)
         beat.stop()
-        assert float(mlflow.get_run(run_id).data.tags["heartbeat"]) > time.time() - 60
+        assert float(mlflow.get_run(run_id).data.tags[tracking.HEARTBEAT_TAG]) > time.time() - 60
 
 
 # ----------------------------------------------------------------- stage reuse

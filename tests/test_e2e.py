@@ -66,7 +66,7 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
     assert {"per_class.csv", "confusion_matrix.png", "parity.json"} <= artifacts
 
     logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    assert any(m.source_run_id == run.info.run_id and m.name == tracking.MODEL_NAME for m in logged)
+    assert any(m.source_run_id == run.info.run_id and m.name == tracking.TORCH_MODEL_NAME for m in logged)
     model, names = tracking.load_run_model(run.info.run_id)
     assert type(model).__name__ == "FashionCNN" and len(names) == 10
 

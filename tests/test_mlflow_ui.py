@@ -46,7 +46,7 @@ def test_experiment_opens_on_its_runs_with_a_description(tracking_store):
 
     tags = client.get_experiment(experiment_id).tags
     assert tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
-    assert tags["mlflow.note.content"] == tracking.EXPERIMENT_DESCRIPTION
+    assert tags["mlflow.note.content"] == tracking.store.EXPERIMENT_DESCRIPTION
     view = json.loads(tags[tracking.RUNS_VIEW_TAG])
     assert {"metrics.`test_accuracy`", "tags.`parity`", "attributes.`Dataset`"} <= set(view["selectedColumns"])
 
@@ -107,7 +107,7 @@ def test_stages_accumulate_in_order_and_rewrite_the_description(tracking_store):
     with tracking.run(run_name="stages") as active:
         tracking.log_params({"model": "cnn", "epochs": 5, "test_size": 200})
         tracking.log_metrics({"test_accuracy": 0.5, "steps": 10}, step=10)
-    run_id = active.info.run_id
+    run_id = active.run_id
     for stage in ("train", "evaluate", "train", "export-onnx"):
         tracking.finish_stage(run_id, stage)
     tags = mlflow.get_run(run_id).data.tags
@@ -151,14 +151,14 @@ def test_system_metrics_are_sampled_while_a_run_is_open(tracking_store):
     with tracking.run(run_name="sampled", system_metrics=True) as active:
         time.sleep(3 * tracking.SYSTEM_METRICS_INTERVAL_S + 0.5)
     client = mlflow.MlflowClient()
-    metrics = client.get_run(active.info.run_id).data.metrics
+    metrics = client.get_run(active.run_id).data.metrics
     for key in ("system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"):
         assert key in metrics, sorted(metrics)
-        assert client.get_metric_history(active.info.run_id, key)
+        assert client.get_metric_history(active.run_id, key)
     assert 0 < metrics["system/system_memory_usage_megabytes"]
     with tracking.run(run_name="not sampled", system_metrics=False) as quiet:
         time.sleep(2 * tracking.SYSTEM_METRICS_INTERVAL_S + 0.5)
-    assert not [k for k in client.get_run(quiet.info.run_id).data.metrics if k.startswith("system/")]
+    assert not [k for k in client.get_run(quiet.run_id).data.metrics if k.startswith("system/")]
 
 
 @pytest.mark.parametrize(

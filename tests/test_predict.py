@@ -469,7 +469,7 @@ def test_model_uris_resolve_to_the_logged_onnx_model(
     result = run_predict("--model", "models:/no-such-model@champion", tmp_path / "x.npy")
     assert result.exit_code == 1 and "no registered model 'no-such-model'" in result.output
     assert "pipeline register" in result.output and "Traceback" not in result.output
-    result = run_predict("--model", f"runs:/{use_trained_run['run_id']}/model", tmp_path / "x.npy")
+    result = run_predict("--model", f"runs:/{use_trained_run['run_id']}/pytorch_model", tmp_path / "x.npy")
     assert result.exit_code == 1 and "not an ONNX model" in result.output  # the torch model of the run
 
 

@@ -18,12 +18,13 @@ import pytest
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 
-from pipeline import registry, tracking
+from pipeline import tracking
 from pipeline.cli import cli
 from pipeline.compare import binomial_margin
 from pipeline.data import load_split
 from pipeline.predict import Predictor
 from pipeline.promotion import Score, decide
+from pipeline.tracking import registry
 
 
 def identity_onnx(path):
@@ -46,7 +47,7 @@ def exported_run(tmp_path, accuracy: float, parity: str | None = "passed", model
             mlflow.set_tag("parity", parity)
         if parity == "failed":
             tracking.log_metrics({"parity_max_abs_diff": 0.5, "parity_argmax_agreement": 0.9}, step=11)
-    return active.info.run_id
+    return active.run_id
 
 
 def invoke(*args: str):
@@ -169,8 +170,8 @@ def test_bad_input_is_one_line_naming_what_is_missing(tracking_store, tmp_path):
     cases = [
         (("register", "--run-id", "deadbeef"), "no run 'deadbeef'"),
         (
-            ("register", "--run-id", bare.info.run_id),
-            f"export it first: `pipeline export-onnx --run-id {bare.info.run_id}`",
+            ("register", "--run-id", bare.run_id),
+            f"export it first: `pipeline export-onnx --run-id {bare.run_id}`",
         ),
         (("promote", "--name", "nope"), "no registered model 'nope'"),
         (("promote", "--name", "fashion-dnn", "--version", "7"), "has no version 7; its versions: 1"),

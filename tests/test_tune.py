@@ -75,7 +75,7 @@ def test_tiny_study_nested_runs_pruning_resume_and_no_test_set(study_config, loa
     assert list(children["tags.mlflow.runName"]) == ["trial-0", "trial-1", "trial-2"]
     assert list(children["tags.trial_state"]) == ["complete", "complete", "pruned"]
     assert list(children["status"]) == ["FINISHED"] * 3  # pruned trials ran as asked until stopped
-    assert (children["tags.pid"] == str(os.getpid())).all()  # liveness, as every run has: a dead worker's shows stale
+    assert (children[f"tags.{tracking.PID_TAG}"] == str(os.getpid())).all()  # liveness, as every run has: a dead worker's shows stale
     assert list(children["params.lr"].astype(float)) == [3e-3, 2e-3, 1e-9]
     client = mlflow.MlflowClient()
     per_epoch = [[m.step for m in client.get_metric_history(run_id, "val_accuracy")] for run_id in children["run_id"]]

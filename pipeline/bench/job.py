@@ -71,16 +71,16 @@ def time_full_job(model_name: str = "cnn") -> dict[str, Any]:
         if completed.returncode != 0:
             raise RuntimeError(f"mlflow run failed:\n{completed.stderr[-2000:]}")
         probe = (
-            "import mlflow, json; r = mlflow.search_runs(experiment_names=['bench-job']).iloc[0];"
-            "print(json.dumps({k: r.get(k) for k in ('metrics.test_accuracy', 'metrics.wall_time_s',"
-            " 'metrics.onnx_test_accuracy', 'metrics.parity_max_abs_diff')}))"
+            "import json; from pipeline import tracking; r = tracking.search_runs('bench-job')[0];"
+            "print(json.dumps({k: r.metrics.get(k) for k in ('test_accuracy', 'wall_time_s',"
+            " 'onnx_test_accuracy', 'parity_max_abs_diff')}))"
         )
         found = json.loads(
             subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True)
             .stdout.strip()
             .splitlines()[-1]
         )
-    return {"seconds": seconds, **{k.split(".", 1)[1]: v for k, v in found.items()}}
+    return {"seconds": seconds, **found}
 
 
 def run_benchmarks(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
@@ -20,7 +20,7 @@ from pipeline.files import atomic_write
 from pipeline.onnx_contract import to_unit_range
 from pipeline.predict.inputs import Failure, Images, read_inputs
 from pipeline.predict.session import Predictor
-from pipeline.predict.writers import TableWriter, batch_table, output_format
+from pipeline.predict.writers import Batch, TableWriter, batch_table, output_format
 
 
 @dataclass(frozen=True)
@@ -30,16 +30,6 @@ class PredictConfig:
     # Source images show dark objects on a light background (product photos), the
     # opposite of Fashion-MNIST's light garments on black.
     invert: bool = False
-
-
-@dataclass
-class Batch:
-    """Up to batch_size rows in input order; the rows without an error have an image in `images`."""
-
-    images: np.ndarray  # float32 (n_ok, 1, H, W), a view of a buffer reused by the next batch
-    sources: list[str] = field(default_factory=list)
-    indices: list[int | None] = field(default_factory=list)
-    errors: list[str | None] = field(default_factory=list)
 
 
 def iter_batches(items: Iterable[Images | Failure], batch_size: int, image_size: tuple[int, int]) -> Iterator[Batch]:

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import IO
 
 import numpy as np
 import pandas as pd
 
 from pipeline.errors import PipelineError
 
-if TYPE_CHECKING:
-    from pipeline.predict.run import Batch
-
 OUTPUT_FORMATS = {".csv": "csv", ".parquet": "parquet", ".jsonl": "jsonl"}
 # Rows per Parquet row group: readers handle a few large groups far better than thousands
 # of batch-sized ones, and 64k rows of results is still only a few MB of memory.
 PARQUET_ROW_GROUP = 65_536
+
+
+@dataclass
+class Batch:
+    """Up to batch_size rows in input order; the rows without an error have an image in `images`."""
+
+    images: np.ndarray  # float32 (n_ok, 1, H, W), a view of a buffer reused by the next batch
+    sources: list[str] = field(default_factory=list)
+    indices: list[int | None] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

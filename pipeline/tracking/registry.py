@@ -1,4 +1,4 @@
-"""The MLflow Model Registry, inside the tracking boundary: register a run's models, move aliases.
+"""The MLflow Model Registry: register a run's models, move aliases.
 
 A run's ONNX model is registered under a name (fashion-cnn by default for a CNN run), its
 PyTorch model under the same name plus "-pytorch". Each new version gets the alias
@@ -16,9 +16,11 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-from pipeline import tracking
 from pipeline.errors import PipelineError
 from pipeline.promotion import Decision, Score, decide
+from pipeline.tracking.names import ONNX_URI_TAGS, REGISTERED_TAG, TORCH_URI_TAG, model_id_of
+from pipeline.tracking.runs import finish_stage, get_run
+from pipeline.tracking.store import connect, tracking_uri
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -61,7 +63,7 @@ class Promotion:
 
 
 def _client() -> mlflow.MlflowClient:
-    tracking.connect()
+    connect()
     return mlflow.MlflowClient()
 
 
@@ -78,7 +80,7 @@ def _registered_model(client: mlflow.MlflowClient, name: str):
             raise
     known = sorted(m.name for m in client.search_registered_models())
     raise PipelineError(
-        f"no registered model {name!r} in the tracking store {tracking.tracking_uri()}"
+        f"no registered model {name!r} in the tracking store {tracking_uri()}"
         + (f" (registered: {', '.join(known)})" if known else "")
         + f"; register a run first: `pipeline register --run-id RUN_ID --name {name}`"
     )
@@ -146,7 +148,7 @@ def _register_model(
     for existing in client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'"):
         if existing.source == model_uri:
             return Registered(name, str(existing.version), created=False)
-    model_id = tracking.model_id_of(model_uri)
+    model_id = model_id_of(model_uri)
     version = client.create_model_version(
         name, source=model_uri, run_id=run_id, tags=tags, description=description, model_id=model_id
     )
@@ -165,10 +167,10 @@ def register_run(run_id: str, name: str | None = None) -> Registration:
     was evaluated. Registering a run again reuses its versions.
     """
     client = _client()
-    run = tracking.get_run(run_id)
-    run_id = run.info.run_id
-    params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
-    onnx_uri = tags.get(tracking.ONNX_URI_TAGS["fp32"])
+    run = get_run(run_id)
+    run_id = run.run_id
+    params, metrics, tags = run.params, run.metrics, run.tags
+    onnx_uri = tags.get(ONNX_URI_TAGS["fp32"])
     if not onnx_uri:
         raise PipelineError(
             f"run {run_id} has no ONNX model to register; export it first: `pipeline export-onnx --run-id {run_id}`"
@@ -206,7 +208,7 @@ def register_run(run_id: str, name: str | None = None) -> Registration:
         MODEL_TAG: model,
     }
     description = (
-        f"{model.upper()} from run {run_id} ({run.info.run_name}): test accuracy {accuracy:.2%} on {images:,} "
+        f"{model.upper()} from run {run_id} ({run.name}): test accuracy {accuracy:.2%} on {images:,} "
         f"test images; ONNX parity {parity}"
     )
     if "parity_max_abs_diff" in metrics:
@@ -215,7 +217,7 @@ def register_run(run_id: str, name: str | None = None) -> Registration:
         onnx = _register_model(
             client, name, onnx_uri, run_id, f"ONNX model. {description}.", {**version_tags, FORMAT_TAG: "onnx"}
         )
-        torch_uri = tags.get(tracking.TORCH_URI_TAG)
+        torch_uri = tags.get(TORCH_URI_TAG)
         pytorch = None
         if torch_uri:
             pytorch = _register_model(
@@ -230,7 +232,7 @@ def register_run(run_id: str, name: str | None = None) -> Registration:
             client.set_registered_model_alias(registered.name, CANDIDATE, registered.version)
     except MlflowException as exc:
         raise PipelineError(f"cannot register run {run_id} as {name!r}: {exc.message.splitlines()[0]}") from None
-    tracking.finish_stage(run_id, "register", {tracking.REGISTERED_TAG: f"{name} v{onnx.version}"})
+    finish_stage(run_id, "register", {REGISTERED_TAG: f"{name} v{onnx.version}"})
     return Registration(run_id, onnx, pytorch, accuracy, images)
 
 

@@ -1,0 +1,154 @@
+"""A run's models: the PyTorch model and its checkpoint, the ONNX models, and finding their files again."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+
+from pipeline.errors import PipelineError
+from pipeline.tracking.artifacts import quiet_downloads
+from pipeline.tracking.names import (
+    CHECKPOINT_ARTIFACT,
+    MODEL_URI_TAG,
+    ONNX_MODEL_NAMES,
+    ONNX_URI_TAGS,
+    TORCH_MODEL_NAME,
+    TORCH_URI_TAG,
+)
+from pipeline.tracking.registry import check_model_uri
+from pipeline.tracking.runs import get_run
+from pipeline.tracking.store import connect, tracking_uri
+
+
+def log_torch_model(model: Any, example: Any, class_names: list[str], step: int = 0) -> str:
+    """Log the model with mlflow.pytorch (signature + example) and a plain checkpoint.
+
+    step: training's last step. MLflow links the run's metrics at the model's step to the
+    model, so these are the final training metrics (see runs.fresh_step for the ONNX models), and
+    system metrics sampled at that step too, in a run that lasts more seconds than it has steps.
+
+    The checkpoint (state_dict + registry name) is what later stages load (artifacts.load_run_model).
+    """
+    import torch
+    from mlflow.models import infer_signature
+
+    from pipeline.checkpoint import save_checkpoint
+
+    # Standard layout for the saved program: channels_last is a training-speed choice, and
+    # torch.export's archive warns about (and mis-groups) its strided weights.
+    model = model.to("cpu", memory_format=torch.contiguous_format).eval()
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(example)).numpy()
+    info = mlflow.pytorch.log_model(
+        model,
+        name=TORCH_MODEL_NAME,
+        step=step,
+        signature=infer_signature(example, logits),
+        input_example=example,
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+    mlflow.set_tag(TORCH_URI_TAG, info.model_uri)  # later stages link their metrics to it
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
+        save_checkpoint(model, path, class_names)
+        mlflow.log_artifact(str(path), str(Path(CHECKPOINT_ARTIFACT).parent))
+    mlflow.set_tag(MODEL_URI_TAG, info.model_uri)
+    return info.model_uri
+
+
+def log_onnx_model(path: Path, variant: str, input_example: Any, output_example: Any, step: int = 0) -> str:
+    """Log an .onnx file with mlflow.onnx (CPU provider, signature, example) as one file; returns its URI.
+
+    The run is tagged with the URI, so `check-parity` and the predictor find the model from the run id.
+    """
+    import onnx
+    import onnxruntime
+    from mlflow.models import infer_signature
+
+    info = mlflow.onnx.log_model(
+        onnx.load_model(str(path)),
+        name=ONNX_MODEL_NAMES[variant],
+        step=step,
+        signature=infer_signature(input_example, output_example),
+        input_example=input_example,
+        onnx_execution_providers=["CPUExecutionProvider"],
+        save_as_external_data=False,
+        # Given, not inferred: inference would load the model in a subprocess for nothing.
+        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+    )
+    mlflow.set_tag(ONNX_URI_TAGS[variant], info.model_uri)
+    return info.model_uri
+
+
+def run_model_uri(run_id: str, tag: str) -> str | None:
+    """The models:/<model_id> URI a stage tagged the run with (TORCH_URI_TAG, ONNX_URI_TAGS[...]), if any."""
+    return get_run(run_id).tag(tag)
+
+
+def run_onnx_model_uri(run_id: str, variant: str = "fp32") -> str:
+    """The URI of the ONNX model `export-onnx` logged to the run (see log_onnx_model)."""
+    model_uri = run_model_uri(run_id, ONNX_URI_TAGS[variant])
+    if not model_uri:
+        raise PipelineError(
+            f"run {run_id} has no logged {variant} ONNX model; run `pipeline export-onnx --run-id {run_id}` "
+            "first, or pass --onnx PATH"
+        )
+    return model_uri
+
+
+def download_onnx_model(model_uri: str, dst: Path) -> Path:
+    """The .onnx file of a logged ONNX model (runs:/, models:/<name>@<alias>, models:/<id>), in dst.
+
+    Downloads the files only, never loads the pyfunc: the predictor process stays free of torch.
+    """
+    connect(write=False)
+    check_model_uri(model_uri)  # an unknown name, version or alias gets a hint, not MLflow's error
+    try:
+        with quiet_downloads():
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)))
+    except ImportError as exc:  # s3://, gs://, ...: MLflow needs that store's client library
+        raise PipelineError(
+            f"cannot fetch model {model_uri!r}: its store needs the {exc.name or 'client'} package, which is not "
+            "installed; download the .onnx file and give its path, or use runs:/ or models:/ URIs of this store"
+        ) from None
+    except Exception as exc:  # MLflow raises MlflowException, OSError or ValueError (http:// URIs) here
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PipelineError(
+            f"cannot fetch model {model_uri!r} from the tracking store {tracking_uri()}: {first_line}"
+        ) from None
+    if local.is_file():
+        return local
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        flavors = mlflow.models.Model.load(str(mlmodel)).flavors
+        if "onnx" not in flavors:
+            raise PipelineError(
+                f"model {model_uri!r} is not an ONNX model (flavors: {', '.join(flavors)}); "
+                "export it with `pipeline export-onnx` and predict with the logged ONNX model"
+            )
+        return local / flavors["onnx"]["data"]
+    found = sorted(local.rglob("*.onnx"))
+    if len(found) != 1:
+        raise PipelineError(f"model {model_uri!r}: expected one .onnx file, found {len(found)}")
+    return found[0]
+
+
+def run_id_for_model(model_uri: str) -> str:
+    """The run that logged a model: runs:/<run_id>/..., models:/<model_id> or models:/<name>/<version>."""
+    if model_uri.startswith("runs:/"):
+        run_id = model_uri.removeprefix("runs:/").split("/")[0]
+    else:
+        try:
+            run_id = mlflow.models.get_model_info(model_uri).run_id
+        except (mlflow.exceptions.MlflowException, OSError) as exc:
+            raise PipelineError(
+                f"no model {model_uri!r} in the tracking store {tracking_uri()} ({exc}); "
+                f"give runs:/<run_id>/{TORCH_MODEL_NAME}, models:/<model_id> or models:/<name>/<version>"
+            ) from None
+        if not run_id:
+            raise PipelineError(f"model {model_uri!r} was not logged from a run; evaluate it with --run-id instead")
+    get_run(run_id)
+    return run_id
