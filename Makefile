@@ -1,7 +1,10 @@
 # The two commands of a fresh machine: `make run` (the main job) and `make test`.
 # Both set themselves up first (venv, package, data) when that is missing.
 
-PYTHON ?= python3.11
+# The newest Python the pins support that is on PATH (`make setup PYTHON=python3.12` to choose).
+# (A name that is on PATH but does not run, such as a pyenv shim of a version not selected, is skipped.)
+PYTHON ?= $(or $(firstword $(foreach v,3.13 3.12 3.11,$(shell python$(v) -c "" >/dev/null 2>&1 && echo python$(v)))),\
+  $(error no python3.13, python3.12 or python3.11 on PATH: install one, or give PYTHON=/path/to/python))
 VENV   := .venv
 BIN    := $(CURDIR)/$(VENV)/bin
 STAMP  := $(VENV)/.installed
@@ -10,12 +13,15 @@ MODEL  ?= cnn
 REGISTER ?= false
 UI_PORT  ?= 5000
 
-# One tracking store for every run of the project: pipeline train, mlflow run and the UI.
-export MLFLOW_TRACKING_URI    ?= sqlite:///$(CURDIR)/mlruns/mlflow.db
-export MLFLOW_EXPERIMENT_NAME ?= fashion-mnist
+# One tracking store for every run of the project, with nothing exported: MLflow's own default
+# (mlflow.db here, artifacts in mlruns/), which pipeline, mlflow run and mlflow ui all use from this
+# folder. MLFLOW_TRACKING_URI, if you set it, wins everywhere.
+STORE_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+# A store left at the old place (mlruns/mlflow.db) moves to the default one first.
+ADOPT_OLD_STORE := $(BIN)/python -c "from pipeline.tracking.store import adopt_legacy_store as a; a()"
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test ui screenshots server server-stop postgresql lint bench bench-quick clean distclean
+.PHONY: setup run test check-python ui screenshots server server-stop postgresql lint bench bench-quick clean distclean
 
 setup: $(STAMP) $(DATA)
 
@@ -36,9 +42,8 @@ $(DATA): | $(STAMP)
 	  $(BIN)/pipeline download; }
 
 run: setup
-	mkdir -p mlruns
-	$(BIN)/mlflow run . -P model=$(MODEL) -P register=$(REGISTER) --env-manager local \
-	  --experiment-name $(MLFLOW_EXPERIMENT_NAME)
+	$(ADOPT_OLD_STORE)
+	$(BIN)/mlflow run . -P model=$(MODEL) -P register=$(REGISTER) --env-manager local
 
 # The tests start a real tracking server on PostgreSQL, so they need the package too.
 test: setup postgresql
@@ -46,9 +51,8 @@ test: setup postgresql
 
 # The printed link opens the experiment's runs with the pipeline's columns (test accuracy, parity, ...).
 ui: setup
-	mkdir -p mlruns
 	$(BIN)/pipeline ui-url --host 127.0.0.1 --port $(UI_PORT)
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(UI_PORT)
+	$(BIN)/mlflow ui --backend-store-uri $(STORE_URI) --host 127.0.0.1 --port $(UI_PORT)
 
 # The README's pictures of the UI: a fresh store with a real DNN run and a real CNN run (a few
 # minutes of CPU), photographed with Debian's headless Chromium (installed here when missing).
@@ -88,6 +92,11 @@ bench: setup
 
 bench-quick: setup
 	$(BIN)/pipeline bench --quick
+
+# An install check for the Pythons the suite does not run on here: pip resolves every pin for
+# them without installing (it needs the package index, so it is not part of `make test`).
+check-python: $(STAMP)
+	$(BIN)/python scripts/install_check.py 3.12 3.13
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests

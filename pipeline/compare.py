@@ -30,7 +30,7 @@ from pipeline.files import atomic_write
 if TYPE_CHECKING:
     from pipeline.tracking import RunRecord
 
-KEY_PARAMS = ("epochs", "batch_size", "lr", "seed")
+KEY_PARAMS = ("epochs", "max_steps", "batch_size", "lr", "seed")
 OVERALL_METRICS = ("test_accuracy", "test_loss", "test_macro_f1")
 Z_95 = 1.96
 COMPARE_CSV = "compare.csv"
@@ -109,6 +109,13 @@ def select_runs(runs: pd.DataFrame, run_ids: Sequence[str] = ()) -> pd.DataFrame
         raise PipelineError(
             "no FINISHED run with per-class metrics; run `pipeline evaluate --run-id ID` on a trained run first"
         )
+    full = ~cut_short(candidates)
+    if not full.any():
+        raise PipelineError(
+            "every evaluated run was cut short by --max-steps (a smoke run): train one in full, or name the runs "
+            "to compare with --run-id"
+        )
+    candidates = candidates[full]
     if "params.model" not in candidates:
         candidates["params.model"] = "?"
     candidates["params.model"] = candidates["params.model"].fillna("?")
@@ -117,6 +124,16 @@ def select_runs(runs: pd.DataFrame, run_ids: Sequence[str] = ()) -> pd.DataFrame
     return (
         latest.sort_values(["_size", "params.model"], na_position="last").drop(columns="_size").reset_index(drop=True)
     )
+
+
+def cut_short(runs: pd.DataFrame) -> pd.Series:
+    """Which runs stopped at --max-steps before their epochs were done (smoke runs): not the model's figures."""
+
+    def column(name: str) -> pd.Series:
+        return runs.get(name, pd.Series(index=runs.index, dtype=object)).map(_num)
+
+    # epochs_completed counts the epochs a run started, so a limit at or past the last epoch's end is a full run.
+    return (column("params.max_steps") > 0) & (column("metrics.epochs_completed") < column("params.epochs"))
 
 
 def binomial_margin(p1: float, n1: float, p2: float, n2: float) -> float:

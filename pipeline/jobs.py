@@ -172,12 +172,8 @@ def resume_training(run_id: str, data_dir: Path | None = None) -> TrainJob:
     found = tracking.resumable_run(run_id)
     params = found.params
     t = setup(train_config_from_params(params, **({"data_dir": data_dir} if data_dir else {})))
-    changed = [k.removeprefix("sha256_") for k, v in t.params.items() if k.startswith("sha256_") and params.get(k) != v]
-    if changed:
-        raise PipelineError(
-            f"the data in {t.config.data_dir} is not what run {run_id} was trained on ({', '.join(changed)} "
-            "differ); give --data-dir with that data"
-        )
+    digests = {k.removeprefix("sha256_"): v for k, v in t.params.items() if k.startswith("sha256_")}
+    check_same_data(run_id, params, digests, t.config.data_dir)
     state = tracking.load_training_state(run_id)
     restore_state(t, state)
     with tracking.run(run_id=run_id):
@@ -186,6 +182,17 @@ def resume_training(run_id: str, data_dir: Path | None = None) -> TrainJob:
         tracking.finish_stage(run_id, "train")
     job.resumed_from_step = state["step"]
     return job
+
+
+def check_same_data(run_id: str, params: dict[str, str], digests: dict[str, str], data_dir: Path) -> None:
+    """Refuse data other than what the run was trained and tested on, by the digests it logged as
+    params: figures of other data would be logged into the run as its own. Runs that logged none pass."""
+    changed = [name for name, digest in digests.items() if params.get(f"sha256_{name}", digest) != digest]
+    if changed:
+        raise PipelineError(
+            f"the data in {data_dir} is not what run {run_id} was trained on ({', '.join(changed)} "
+            "differ); give --data-dir with that data"
+        )
 
 
 def _train_key(t) -> str | None:
@@ -264,7 +271,7 @@ def list_runs(experiment: str | None, stale: bool, stale_after: float, mark_fail
     """The store's runs; with `stale`, only those left RUNNING by a dead process, closed as FAILED on request."""
     from pipeline import tracking
 
-    rows = tracking.list_runs(experiment, running_only=stale, stale_after=stale_after)
+    rows = tracking.list_runs(experiment, running_only=stale, stale_after=stale_after, write=mark_failed)
     if not stale:
         return RunsJob(rows)
     rows = [row for row in rows if row.stale]
@@ -306,6 +313,7 @@ def tune_model(
 
     quiet_known_warnings()
     tracking.connect()
+    tune.check_data(config)  # before the study and its parent run exist: a refusal leaves neither behind
     config.storage = config.storage or tracking.default_optuna_storage()
     study = tune.open_study(config)
     run_name = f"tune {config.study_name}"
@@ -368,6 +376,7 @@ def evaluate_run(
     job_run = run_id
     run_id = tracking.run_id_for_model(model_uri) if model_uri else tracking.model_run(run_id)
     split = load_split(data_dir, "test")
+    check_same_data(run_id, tracking.get_run(run_id).params, split.digests, data_dir)
     key = tracking.stage_key("evaluate", {"run_id": run_id, "batch_size": batch_size, **split.digests})
     if _reused("evaluate", key, reuse, job_run or run_id, run_id):
         return EvaluateJob(run_id, None, [], reused=True)
@@ -517,6 +526,7 @@ def export_run(
     job_run, run_id = run_id, tracking.model_run(run_id)
     fold = export.FOLD_BY_DEFAULT if fold is None else fold
     test = load_split(data_dir, "test")
+    check_same_data(run_id, tracking.get_run(run_id).params, test.digests, data_dir)
     settings = {"run_id": run_id, "opset": opset, "quantize": quantize, "fold": fold, **test.digests}
     key = tracking.stage_key("export", settings)
     if earlier := _reused("export", key, reuse and not output, job_run, run_id):
@@ -577,8 +587,9 @@ def check_run_parity(run_id: str, onnx_file: Path | None, data_dir: Path) -> Par
 
     quiet_known_warnings()
     tracking.connect()
-    model, class_names = tracking.load_run_model(run_id)
     test = load_split(data_dir, "test")
+    check_same_data(run_id, tracking.get_run(run_id).params, test.digests, data_dir)
+    model, class_names = tracking.load_run_model(run_id)
     logged_uri = None if onnx_file else tracking.run_onnx_model_uri(run_id)
     with tempfile.TemporaryDirectory(prefix="check-parity-") as tmp:
         onnx_path = onnx_file or tracking.download_onnx_model(logged_uri, Path(tmp))

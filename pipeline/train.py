@@ -153,6 +153,13 @@ def setup(config: TrainConfig, world: distributed.World | None = None) -> Traine
 
     torch.manual_seed(config.seed)
     model = build_model(config.model).to(device)
+    for name, split in (("train", train_split), ("test", test_split)):  # before any run: no FAILED run
+        if split is not None and tuple(split.images.shape[1:]) != tuple(model.input_shape[1:]):
+            height, width = model.input_shape[1:]
+            raise PipelineError(
+                f"{config.data_dir}: the {name} images are {split.images.shape[1]}x{split.images.shape[2]}, "
+                f"but the {config.model} model takes {height}x{width}; give --data-dir with {height}x{width} images"
+            )
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     optimizer = build_optimizer(config, model.parameters())

@@ -278,7 +278,7 @@ def study_settings(config: TuneConfig) -> dict[str, Any]:
 
 
 def check_data(config: TuneConfig) -> None:
-    """Fail once, before any trial, on data every trial would fail on."""
+    """Fail once, before the study and its run exist, on data every trial would fail on."""
     from pipeline.data import check_known, load_split
 
     split = load_split(config.data_dir, "train")
@@ -318,7 +318,6 @@ def optimize(study: optuna.Study, config: TuneConfig, observers: Sequence[TrialO
         _finish(observers, trial.number, "complete", value, result.metrics)
         return value
 
-    check_data(config)
     study.optimize(objective, n_trials=config.n_trials, timeout=config.timeout_s, catch=(PipelineError,))
 
 

@@ -87,8 +87,10 @@ def empty_store(tmp_path_factory) -> Path:
     """A store with MLflow's schema and nothing else, made once. Creating one runs about a hundred
     migrations, each committed with an fsync: seconds per test on a busy disk. A fresh store's own
     creation is tested by test_concurrent, which starts from none."""
+    from pipeline.tracking.store import open_store
+
     path = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)
+    open_store(f"sqlite:///{path}")  # as the pipeline opens a new store: its default experiment's files beside it
     return path
 
 

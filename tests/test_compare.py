@@ -61,6 +61,18 @@ def test_selects_latest_finished_evaluated_run_per_model_smallest_first(runs):
     assert select_runs(runs)["run_id"].tolist() == ["dnn_ok", "cnn_ok"]
 
 
+def test_runs_cut_short_by_max_steps_are_left_out_unless_named(runs):
+    smoke = {**fake_run("cnn_smoke", "cnn", "2026-01-06", CNN, num_parameters=9000)}
+    smoke.update({"params.max_steps": "50", "metrics.epochs_completed": 1.0})
+    within = {**fake_run("dnn_capped_past_the_end", "dnn", "2026-01-07", DNN, num_parameters=200)}
+    within.update({"params.max_steps": "99999", "metrics.epochs_completed": 5.0})  # the limit never bit
+    both = pd.concat([runs, pd.DataFrame([smoke, within])], ignore_index=True)
+    assert select_runs(both)["run_id"].tolist() == ["dnn_capped_past_the_end", "cnn_ok"]
+    assert select_runs(both, ["cnn_smoke"])["run_id"].tolist() == ["cnn_smoke"]
+    with pytest.raises(PipelineError, match="cut short by --max-steps"):
+        select_runs(pd.DataFrame([smoke]))
+
+
 def test_explicit_run_ids_keep_their_order_and_must_be_evaluated(runs):
     assert select_runs(runs, ["cnn_ok", "dnn_old"])["run_id"].tolist() == ["cnn_ok", "dnn_old"]
     with pytest.raises(PipelineError, match="pipeline evaluate --run-id dnn_new_unevaluated"):
@@ -112,7 +124,8 @@ def two_runs(synthetic_data_dir, tmp_path_factory):
     env["MLFLOW_RUN_ID"] = None
     runner, run_ids = CliRunner(), {}
     for model in ("dnn", "cnn"):
-        args = ["--model", model, "--max-steps", "12", "--batch-size", "50", "--allow-other-data"]
+        # One whole epoch (600 images in 12 steps of 50): full runs, which compare picks by default.
+        args = ["--model", model, "--epochs", "1", "--max-steps", "12", "--batch-size", "50", "--allow-other-data"]
         args += ["--data-dir", str(synthetic_data_dir)]
         result = runner.invoke(cli, ["train", *args], env=env)
         assert result.exit_code == 0, result.output

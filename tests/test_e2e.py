@@ -18,9 +18,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.real_data
 @pytest.mark.slow
 def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
-    # Create the experiment ourselves so its artifacts land beside the temp store, not in
-    # the repo's mlruns/ (mlflow run would default to ./mlruns relative to the cwd).
-    tracking.configure("e2e")
+    # No --experiment-name, nothing exported but the store: the run lands in the store's default
+    # experiment, which the pipeline names after the project (its files stay beside the temp store).
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -30,7 +29,7 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
         env.pop(name, None)
 
     def mlflow_run(*extra: str) -> subprocess.CompletedProcess:
-        args = ["--env-manager", "local", "--experiment-name", "e2e", "-P", "model=cnn", "-P", "max_steps=30"]
+        args = ["--env-manager", "local", "-P", "model=cnn", "-P", "max_steps=30"]
         completed = subprocess.run(
             [sys.executable, "-m", "mlflow", "run", str(REPO), *args, "-P", "lr=1e-3", *extra],
             cwd=REPO,
@@ -44,10 +43,12 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
 
     mlflow_run("-P", "register=true")
 
-    runs = mlflow.search_runs(experiment_names=["e2e"])
+    runs = mlflow.search_runs(experiment_names=["fashion-mnist"])
     assert len(runs) == 1
     run = mlflow.get_run(runs.run_id[0])
-    assert run.info.status == "FINISHED"
+    assert run.info.status == "FINISHED" and run.info.experiment_id == "0"  # MLflow's default experiment, renamed
+    store_folder = Path(tracking_store.removeprefix("sqlite:///")).parent
+    assert mlflow.get_experiment("0").artifact_location.startswith(store_folder.as_uri())
     params, metrics = run.data.params, run.data.metrics
     assert params["model"] == "cnn" and params["max_steps"] == "30" and params["total_steps"] == "30"
     assert params["lr"] == "1e-3"  # as `mlflow run` logged it; train left it alone rather than fail
@@ -77,7 +78,7 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
     assert "ONNX parity: **passed**" in run.data.tags["mlflow.note.content"]
     assert {d.dataset.name for d in run.inputs.dataset_inputs} == {"fashion-mnist-train", "fashion-mnist-test"}
     assert "system/cpu_utilization_percentage" in metrics
-    assert mlflow.get_experiment_by_name("e2e").tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert mlflow.get_experiment("0").tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
     candidate = mlflow.MlflowClient().get_model_version_by_alias("fashion-cnn", "candidate")
     assert candidate.run_id == run.info.run_id and candidate.tags["parity"] == "passed"
 
@@ -85,6 +86,7 @@ def test_mlflow_run_main_entry_point(real_data_dir, tracking_store):
     again = mlflow_run("-P", "reuse=true")
     for stage in ("train", "evaluate", "export-onnx"):
         assert f"Reused {stage}: run {run.info.run_id}" in again.stdout, again.stdout[-3000:]
-    second = mlflow.search_runs(experiment_names=["e2e"], filter_string=f"attributes.run_id != '{run.info.run_id}'")
+    others = f"attributes.run_id != '{run.info.run_id}'"
+    second = mlflow.search_runs(experiment_names=["fashion-mnist"], filter_string=others)
     tags = mlflow.get_run(second.run_id[0]).data.tags
     assert [tags[f"reused.{stage}"] for stage in ("train", "evaluate", "export")] == [run.info.run_id] * 3

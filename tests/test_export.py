@@ -312,3 +312,20 @@ def test_a_linear_chain_through_dropout_in_a_sequential_merges_exactly():
     with torch.no_grad():
         exact = copy.deepcopy(model).double()(inputs.double())  # the unfolded chain in float64
         assert (folded(inputs).double() - exact).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("command", ["export-onnx", "evaluate", "check-parity"])
+def test_other_test_data_is_refused_before_anything_is_logged(use_trained_run, tmp_path, command):
+    """Figures of other data would be logged into the run as its own (an export once left 2 % there)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+    from tests.conftest import write_synthetic_dataset  # tests.helpers once it exists
+
+    other = write_synthetic_dataset(tmp_path / "other", seed=7)
+    before = mlflow.get_run(use_trained_run["run_id"]).data
+    result = CliRunner().invoke(cli, [command, "--run-id", use_trained_run["run_id"], "--data-dir", str(other)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "is not what run" in result.output and "t10k-" in result.output
+    after = mlflow.get_run(use_trained_run["run_id"]).data
+    assert after.metrics == before.metrics and after.tags == before.tags

@@ -75,7 +75,8 @@ def test_tiny_study_nested_runs_pruning_resume_and_no_test_set(study_config, loa
     assert list(children["tags.mlflow.runName"]) == ["trial-0", "trial-1", "trial-2"]
     assert list(children["tags.trial_state"]) == ["complete", "complete", "pruned"]
     assert list(children["status"]) == ["FINISHED"] * 3  # pruned trials ran as asked until stopped
-    assert (children[f"tags.{tracking.PID_TAG}"] == str(os.getpid())).all()  # liveness, as every run has: a dead worker's shows stale
+    # Liveness, as every run has: a dead worker's trial shows stale.
+    assert (children[f"tags.{tracking.PID_TAG}"] == str(os.getpid())).all()
     assert list(children["params.lr"].astype(float)) == [3e-3, 2e-3, 1e-9]
     client = mlflow.MlflowClient()
     per_epoch = [[m.step for m in client.get_metric_history(run_id, "val_accuracy")] for run_id in children["run_id"]]
@@ -186,3 +187,11 @@ def test_a_worker_that_loses_the_race_for_the_parent_run_deletes_its_own(trackin
     deleted = mlflow.MlflowClient().search_runs([experiment_id], run_view_type=ViewType.DELETED_ONLY)
     assert len(deleted) == 1 and deleted[0].info.run_id != other[0]  # ours, not theirs
     assert tracking.claim_study_run("it's raced", "tune raced") == other[0]  # and a later worker finds theirs
+
+
+def test_a_validation_split_as_large_as_the_data_leaves_no_run_and_no_study(study_config, tmp_path):
+    study_config.val_size = 60000
+    with pytest.raises(PipelineError, match="leaves no training images"):
+        jobs.tune_model(study_config)
+    assert mlflow.search_runs(search_all_experiments=True).empty
+    assert optuna.get_all_study_names(study_config.storage) == []

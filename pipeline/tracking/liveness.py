@@ -76,10 +76,11 @@ class RunRow:
 
 
 def list_runs(
-    experiment: str | None = None, running_only: bool = False, stale_after: float = STALE_AFTER_S
+    experiment: str | None = None, running_only: bool = False, stale_after: float = STALE_AFTER_S, write: bool = False
 ) -> list[RunRow]:
-    """Runs of `experiment` (default: every experiment in the store), newest first."""
-    connect()
+    """Runs of `experiment` (default: every experiment in the store), newest first. Listing only reads, so a
+    read-only store serves it; `write`: the caller will change runs (mark them failed), so check it can."""
+    connect(write=write)
     client = mlflow.MlflowClient()
     if experiment:
         found = client.get_experiment_by_name(experiment)

@@ -58,12 +58,17 @@ def run(
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
         os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", str(SYSTEM_METRICS_INTERVAL_S))
     inherited = os.environ.get(RUN_ID_ENV)
-    active = mlflow.start_run(
-        run_id=run_id,
-        run_name=run_name,
-        tags={**(tags or {}), **liveness_tags()},
-        log_system_metrics=system_metrics,
-    )
+    try:
+        active = mlflow.start_run(
+            run_id=run_id,
+            run_name=run_name,
+            tags={**(tags or {}), **liveness_tags()},
+            log_system_metrics=system_metrics,
+        )
+    except mlflow.exceptions.MlflowException as exc:
+        if exc.error_code != "PERMISSION_DENIED":
+            raise
+        raise not_permitted(experiment_name(experiment) if not run_id else f"of run {run_id}") from None
     mark_experiment(active.info.experiment_id)
     # `mlflow run`'s run is open now, consumed as start_run consumes it when given no run id: runs
     # nested in it must be new runs, and start_run would resume $MLFLOW_RUN_ID for each of them
@@ -72,6 +77,16 @@ def run(
         os.environ.pop(RUN_ID_ENV, None)
     with _ended_by_outcome(active):
         yield ActiveRun(active.info.run_id, active.info.experiment_id)
+
+
+def not_permitted(experiment: str) -> PipelineError:
+    """A team server with logins (`make server AUTH=1`) refused this user the experiment."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+    return PipelineError(
+        f"the tracking server at {tracking_uri()} does not let {user} log runs into experiment {experiment!r} "
+        "(another user's): ask its owner or an admin for EDIT permission on it, or pass --experiment with a "
+        "name of your own"
+    )
 
 
 @contextmanager

@@ -269,6 +269,12 @@ def _open_with_mlflow(uri: str, fail: Callable[[str], PipelineError], artifacts:
             mlflow.MlflowClient(uri).search_experiments(max_results=1)
     except (mlflow.exceptions.MlflowException, SQLAlchemyError) as exc:
         raise fail(str(exc).strip().splitlines()[0].split(" See https://")[0].rstrip(".")) from None
+    except ModuleNotFoundError as exc:  # the database driver SQLAlchemy picks for the URI's scheme
+        hint = ""
+        if uri.startswith("postgresql://"):
+            fixed = uri.replace("postgresql://", "postgresql+psycopg2://", 1)
+            hint = f" (the driver installed here is psycopg2: {fixed})"
+        raise fail(f"its database driver {exc.name} is not installed{hint}") from None
 
 
 def _artifact_location(uri: str, name: str) -> str | None:
@@ -361,7 +367,9 @@ def mark_experiment(experiment_id: str) -> None:
         if tags.get(key) != value:
             try:
                 client.set_experiment_tag(experiment_id, key, value)
-            except mlflow.exceptions.MlflowException:
+            except mlflow.exceptions.MlflowException as exc:
+                if exc.error_code == "PERMISSION_DENIED":
+                    return  # another user's experiment on a team server: its owner's tags stand
                 # Processes that start at once on a new experiment race to add the same tag, and a
                 # SQL store refuses the second insert (a duplicate key); theirs is as good as ours.
                 if key not in client.get_experiment(experiment_id).tags:
