@@ -59,7 +59,7 @@ class Choice:
 
 # What each model's search may vary, as TrainConfig fields; everything else is the model's recipe.
 # Augmentation strength is the crop's padding (0: no crop) and whether to flip. The epoch ranges
-# keep a trial within the chapter CNN's 5-epoch training time (see README, "A faster recipe").
+# keep a trial within the chapter CNN's 5-epoch training time (see docs/recipe.md).
 SEARCH_SPACES: dict[str, dict[str, Float | Int | Choice]] = {
     "cnn_plus": {
         "lr": Float(1e-3, 2e-2, log=True),
