@@ -639,6 +639,15 @@ def ui_url_command(experiment: str | None, host: str, port: int) -> None:
     help="Full trainings of cnn_plus and of the chapter's CNN, one pair per seed, for the recipe's accuracy "
     "and time; 0 extrapolates the time from a few steps and measures no accuracy.  [default: 3, 0 with --quick]",
 )
+@click.option(
+    "--docs",
+    "docs_page",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the report's tables into this Markdown page, between its <!-- bench:native:start --> and "
+    "<!-- bench:native:end --> lines (bench:avx2 with --max-cpu-isa avx2); the rest of the page is kept as it "
+    "is (make bench: docs/performance.md).  [default: none]",
+)
 @cli_args.DATA_DIR
 def bench_command(
     quick: bool,
@@ -649,6 +658,7 @@ def bench_command(
     output_dir: Path,
     max_cpu_isa: str,
     recipe_seeds: int | None,
+    docs_page: Path | None,
     data_dir: Path,
 ) -> None:
     """Benchmark our stages against the chapter's own loop, side by side; PASS/MISS per target."""
@@ -663,9 +673,12 @@ def bench_command(
         recipe_seeds,
         progress=echo_err,
         timing_s=timing_seconds or 0.0,
+        docs_page=docs_page,
     )
     click.echo(job.report)
     click.echo(f"Wrote {job.written[0]} and {job.written[1]}; logged to experiment 'benchmarks'.")
+    if job.docs_page is not None:
+        click.echo(f"Tables written into {job.docs_page}.")
 
 
 @cli.group("server")

@@ -121,7 +121,7 @@ class TrainConfig:
     channels_last: bool = True
     # torch.compile (inductor) for the training forward and backward; evaluation stays eager.
     # Off by default: on every CPU `pipeline bench` has measured, its kernels for batch norm,
-    # ReLU and pooling were slower than eager's oneDNN ones (README, Performance).
+    # ReLU and pooling were slower than eager's oneDNN ones (docs/performance.md).
     compile: bool = False
     # Train on files whose SHA-256 differs from Fashion-MNIST's (own data in the same IDX format).
     allow_other_data: bool = False
@@ -201,7 +201,7 @@ def train_config_from_params(params: dict[str, str], **overrides) -> TrainConfig
 
 # Each model's own training recipe: the TrainConfig fields it sets differently from the defaults
 # above, which are the chapter's recipe for its dnn and cnn. Chosen on the validation split
-# (README: "A faster recipe"); an option the user gives always wins over the recipe.
+# (docs/recipe.md); an option the user gives always wins over the recipe.
 RECIPES: dict[str, dict[str, Any]] = {
     # 6 epochs of batch 100 take less time than the chapter CNN's 5 (its steps are cheaper; 7 did
     # not fit); batch 256 trained no faster per image here and reached less. Horizontal flips

@@ -656,6 +656,7 @@ class BenchJob:
     report: str  # Markdown
     written: list[Path] = field(default_factory=list)
     model_source: str = ""
+    docs_page: Path | None = None  # the Markdown page whose bench block was rewritten
 
 
 def run_bench(
@@ -669,13 +670,22 @@ def run_bench(
     recipe_seeds: int | None = None,
     progress: Callable[[str], Any] = lambda message: None,
     timing_s: float = 0.0,
+    docs_page: Path | None = None,
 ) -> BenchJob:
-    """Every benchmark, side by side with its baseline; JSON + Markdown in `output_dir`, logged to 'benchmarks'."""
+    """Every benchmark, side by side with its baseline; JSON + Markdown in `output_dir`, logged to 'benchmarks'.
+
+    With `docs_page`, the report's tables also replace their block of that Markdown page (see bench/docs.py),
+    which is checked first, so a page without the block's markers fails before minutes of measuring.
+    """
     if max_cpu_isa == "avx2":
         from pipeline import hardware
 
         hardware.limit_to_avx2()  # before bench imports torch
     from pipeline import bench, tracking
+    from pipeline.bench import docs
+
+    if docs_page is not None:
+        docs.check_page(docs_page, docs.block_name(max_cpu_isa))
     from pipeline.files import write_text
 
     quiet_known_warnings()
@@ -697,10 +707,12 @@ def run_bench(
     written = [output_dir / "bench.json", output_dir / "bench.md"]
     bench.save_json(results, written[0])
     write_text(written[1], report)
+    if docs_page is not None:
+        docs.write_block(docs_page, docs.block_name(max_cpu_isa), docs.render_block(results))
     headline = {k: float(v) for k, v in results["headline"].items() if isinstance(v, (int, float))}
     with tracking.run(experiment="benchmarks", run_name="bench-quick" if quick else "bench", tags={"stage": "bench"}):
         tracking.log_report(bench.config_dict(config), headline, written)
-    return BenchJob(report, written, model_source)
+    return BenchJob(report, written, model_source, docs_page)
 
 
 def _bench_model(run_id: str | None, config) -> tuple[Any, list[str], str]:

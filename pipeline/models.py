@@ -136,7 +136,7 @@ class FashionCNNPlus(nn.Module):
     batch norm after the pooling, then one hidden layer of 256 with a ReLU and dropout: 0.83M
     parameters against the chapter CNN's 1.5M.
 
-    Chosen on the validation split (README, "A faster recipe"): a third conv block with global
+    Chosen on the validation split (docs/recipe.md): a third conv block with global
     average pooling instead of the hidden layer trained slower and reached less in 5 epochs, and
     batch norm before the pooling reached the same accuracy per epoch at 1.5x the time per step.
     Trained with its own recipe (pipeline.config.RECIPES["cnn_plus"]).

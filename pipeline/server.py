@@ -43,7 +43,7 @@ def default_folder() -> Path:
 class ServerConfig:
     db: str = "sqlite"  # sqlite: the project store (mlflow.db at the root); postgresql: a cluster in `folder`
     host: str = "127.0.0.1"
-    port: int = 5050  # `make ui` has 5000, the README's `mlflow models serve` 5001
+    port: int = 5050  # `make ui` has 5000, the docs' `mlflow models serve` 5001
     workers: int = 4  # uvicorn worker processes (MLflow's default)
     folder: Path = field(default_factory=default_folder)  # pid file, logs, the PostgreSQL cluster
     app_name: str | None = None  # "basic-auth": MLflow's own login (users in a database of their own)

@@ -59,7 +59,7 @@ class Choice:
 
 # What each model's search may vary, as TrainConfig fields; everything else is the model's recipe.
 # Augmentation strength is the crop's padding (0: no crop) and whether to flip. The epoch ranges
-# keep a trial within the chapter CNN's 5-epoch training time (see README, "A faster recipe").
+# keep a trial within the chapter CNN's 5-epoch training time (see docs/recipe.md).
 # The CNN's and DNN's search; cnn_plus's recipe trains at higher rates, with more regularisation.
 _BASE_SPACE: dict[str, Float | Int | Choice] = {
     "lr": Float(2e-4, 5e-3, log=True),

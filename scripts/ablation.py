@@ -1,4 +1,4 @@
-"""The recipe's ablation (README "A faster recipe"): cnn_plus with its whole recipe, then with one
+"""The recipe's ablation (docs/recipe.md): cnn_plus with its whole recipe, then with one
 part taken away at a time, and the chapter's CNN, each trained once on all but the last 5,000
 training images and judged on those 5,000 (the validation split). The test set decided nothing
 here; its figure is printed for reference only.

@@ -1,4 +1,4 @@
-"""The README's pictures of the MLflow UI, taken from a real store: `make screenshots`.
+"""The documentation's pictures of the MLflow UI, taken from a real store: `make screenshots`.
 
 Makes a fresh store (outputs/screenshots/mlruns) holding a real DNN run and a real CNN run
 (the main job, `mlflow run .`, on the real data), a comparison and a registered champion;

@@ -1,7 +1,7 @@
 """The benchmark still works: `pipeline bench --quick` on the real data (CI's smoke test).
 
 It asserts that every measurement is there and sane, never a speed: timings on a shared
-2-core machine are for the README's table, not for pass/fail.
+2-core machine are for the tables of docs/performance.md, not for pass/fail.
 """
 
 from __future__ import annotations
@@ -195,8 +195,13 @@ def test_quick_bench_end_to_end(real_data_dir, tracking_store, tmp_path):
     # Each inference figure and GEMM ceiling timed for 0.2 s instead of quick mode's 1 s:
     # what is measured, not how well.
     args = ["bench", "--quick", "--steps", "50", "--timing-seconds", "0.2", "--output-dir", str(out)]
-    result = CliRunner().invoke(cli, [*args, "--data-dir", str(real_data_dir)])
+    page = tmp_path / "performance.md"
+    page.write_text(PAGE)
+    result = CliRunner().invoke(cli, [*args, "--docs", str(page), "--data-dir", str(real_data_dir)])
     assert result.exit_code == 0, result.output
+    written = page.read_text()
+    assert "old native tables" not in written and "old avx2 tables" in written and "quick mode.*" in written
+    assert "| target | measured | result |" in written.split("<!-- bench:native:end -->")[0]
     results = json.loads((out / "bench.json").read_text())
     assert results["config"]["timing_s"] == 0.2
     assert (out / "bench.md").read_text().startswith("Machine:")
@@ -354,3 +359,110 @@ def test_the_job_line_splits_training_from_everything_else():
     line = full_job_line({"full_job": job, "headline": {"job_fraction": 0.3, "chapter_5_epochs_s": 200.0}})
     assert "took 45 s of it (0.23 of the chapter's loop); the rest, 15 s," in line
     assert full_job_line({"headline": {}}) is None  # quick mode runs no job
+
+
+# ------------------------------------------------------------- the tables in docs/performance.md
+
+PAGE = (
+    "# Performance\r\n\r\nProse a person wrote, kept as it is.\r\n\r\n"
+    "<!-- bench:native:start -->\r\nold native tables\r\n<!-- bench:native:end -->\r\n\r\n"
+    "More prose, with a table of its own:\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n"
+    "<!-- bench:avx2:start -->\nold avx2 tables\n<!-- bench:avx2:end -->\nThe end, no newline"
+)
+
+
+def test_bench_tables_replace_their_block_and_nothing_else(tmp_path):
+    from pipeline.bench import docs
+
+    page = tmp_path / "performance.md"
+    page.write_bytes(PAGE.encode())
+    docs.write_block(page, docs.block_name("native"), "| new | table |\n|---|---|\n| 1 | 2 |\n")
+    text = page.read_bytes().decode()
+    start, end = text.index("<!-- bench:native:start -->"), text.index("<!-- bench:native:end -->")
+    # Every byte outside the block is the old page's, the line endings included.
+    assert text[:start] == PAGE[: PAGE.index("<!-- bench:native:start -->")]
+    assert text[end:] == PAGE[PAGE.index("<!-- bench:native:end -->") :]
+    assert "old native" not in text and "old avx2 tables" in text
+    assert text[start:end].endswith("\r\n\r\n| new | table |\r\n|---|---|\r\n| 1 | 2 |\r\n\r\n")
+    # Written again, the page does not drift; the other block is written on its own.
+    once = page.read_bytes()
+    docs.write_block(page, "native", "| new | table |\n|---|---|\n| 1 | 2 |\n")
+    assert page.read_bytes() == once
+    docs.write_block(page, docs.block_name("avx2"), "capped tables")
+    assert "capped tables" in page.read_text() and "| new | table |" in page.read_text()
+
+
+def test_a_marker_quoted_in_prose_is_not_a_marker(tmp_path):
+    from pipeline.bench import docs
+
+    page = tmp_path / "performance.md"
+    prose = "Each run owns the lines between `<!-- bench:native:start -->` and `<!-- bench:native:end -->`.\n\n"
+    page.write_text(prose + "<!-- bench:native:start -->\n<!-- bench:native:end -->\n")
+    docs.write_block(page, "native", "tables")
+    assert page.read_text() == prose + "<!-- bench:native:start -->\n\ntables\n\n<!-- bench:native:end -->\n"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "# Performance\n\nno markers at all\n",
+        "only quoted: `<!-- bench:native:start -->` and `<!-- bench:native:end -->`\n",
+        "<!-- bench:native:start -->\nonly the start\n",
+        "<!-- bench:native:end -->\nbackwards\n<!-- bench:native:start -->\n",
+        "<!-- bench:native:start -->\n<!-- bench:native:end -->\n<!-- bench:native:start -->\n",
+    ],
+)
+def test_a_page_without_one_pair_of_markers_is_refused_in_one_line(tmp_path, text):
+    from pipeline.bench import docs
+
+    page = tmp_path / "performance.md"
+    page.write_text(text)
+    with pytest.raises(PipelineError) as refused:
+        docs.write_block(page, "native", "tables")
+    assert "\n" not in str(refused.value) and str(page) in str(refused.value)
+    assert page.read_text() == text
+    with pytest.raises(PipelineError, match="no page"):
+        docs.check_page(tmp_path / "missing.md", "native")
+
+
+def test_bench_tables_are_written_atomically(tmp_path, monkeypatch):
+    import os
+
+    from pipeline import files
+    from pipeline.bench import docs
+
+    page = tmp_path / "performance.md"
+    page.write_bytes(PAGE.encode())
+
+    def crash(*args):
+        raise KeyboardInterrupt  # Ctrl-C between writing the new page and renaming it onto the old
+
+    monkeypatch.setattr(files.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        docs.write_block(page, "native", "new tables")
+    assert page.read_bytes() == PAGE.encode()
+    assert os.listdir(tmp_path) == ["performance.md"]  # no temporary file left beside it
+
+
+def test_the_bench_block_says_when_and_on_which_cpu(monkeypatch):
+    from pipeline.bench import docs
+
+    monkeypatch.setattr(docs, "render_markdown", lambda results: "| target | measured | result |\n")
+    results = {
+        "date": "2026-11-30",
+        "machine": {"cpu": "AMD EPYC 9R14", "cores": 2, "cpu_features": {"summary": WITH_BF16.summary()}},
+        "config": {"quick": False},
+    }
+    block = docs.render_block(results)
+    assert block.startswith("*Generated by `pipeline bench` on 2026-11-30: AMD EPYC 9R14, 2 cores; CPU features: AVX2")
+    assert "AVX512-BF16" in block.splitlines()[0] and "full mode" in block.splitlines()[0]
+    assert block.endswith("| target | measured | result |\n")
+
+
+def test_bench_refuses_a_docs_page_without_markers_before_measuring(tmp_path):
+    page = tmp_path / "performance.md"
+    page.write_text("# Performance\n")
+    result = CliRunner().invoke(cli, ["bench", "--quick", "--docs", str(page), "--output-dir", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert "bench:native:start" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

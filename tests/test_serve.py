@@ -1,6 +1,6 @@
 """`mlflow models serve` answers /invocations with the logits of the ONNX model that
 `pipeline export-onnx` logged, the same logits onnxruntime gives locally. It serves it the
-way the README does: by the registry alias that `pipeline promote` moves, models:/NAME@champion."""
+way docs/stages/register.md does: by the registry alias that `pipeline promote` moves, models:/NAME@champion."""
 
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ the CLI writes JSON + Markdown and logs them to MLflow.
   timing     repeated calls timed, medians of rounds
   report     headline, verdicts, the table-driven Markdown report, the JSON file
   job        run_benchmarks (the whole benchmark), the real 5-epoch job timed end to end
+  docs       the report's tables written between their markers in docs/performance.md (--docs)
 """
 
 from pipeline.bench.config import BenchConfig, config_dict

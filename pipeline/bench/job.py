@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import date
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +87,7 @@ def time_full_job(model_name: str = "cnn") -> dict[str, Any]:
 def run_benchmarks(
     cfg: BenchConfig, model: torch.nn.Module, class_names: list[str], workdir: Path, progress=lambda message: None
 ) -> dict[str, Any]:
-    results: dict[str, Any] = {"machine": machine(), "config": config_dict(cfg)}
+    results: dict[str, Any] = {"date": date.today().isoformat(), "machine": machine(), "config": config_dict(cfg)}
     progress("the machine's own limit: GEMM throughput")
     results["limits"] = gemm_limits(min(cfg.timing_budget(1.0), 1.0))
     progress("training: the chapter's loop vs ours")
