@@ -48,6 +48,10 @@ PRUNERS: tuple[str, ...] = ("median", "halving", "none")  # `pipeline tune --pru
 # Seeds every tool accepts (numpy's legacy seeding stops at 2**32 - 1); Click checks the option.
 SEED_RANGE: tuple[int, int] = (0, 2**32 - 1)
 
+# MLflow refuses longer experiment names (mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH, which
+# tests/test_hostile.py checks); the CLI refuses them first, before any store is opened.
+MAX_EXPERIMENT_NAME_LENGTH = 500
+
 DATA_DIR_ENV = "PIPELINE_DATA_DIR"
 DOWNLOAD_TIMEOUT_S = 30.0  # seconds to wait for a network source
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -143,6 +147,8 @@ class TrainConfig:
         for name in ("weight_decay", "crop_pad", "val_size"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not math.isfinite(self.weight_decay):  # nan passes `< 0`: test what we want
+            raise PipelineError(f"weight_decay must be a finite number, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise PipelineError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.warmup_fraction < 1:

@@ -1,0 +1,182 @@
+"""Hostile input, round two (issue 21): every row's exact input gets one clear line and a non-zero
+exit, never a traceback; a command that refuses before it starts leaves no run, and nothing is
+written outside the place the command was meant to write.
+
+Servers the tests talk to listen on 127.0.0.1 (or ::1) only, and every request loop is bounded.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import click
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline import cli_args
+from pipeline.cli import cli
+from pipeline.config import MAX_EXPERIMENT_NAME_LENGTH, TrainConfig
+from pipeline.errors import PipelineError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def T(data_dir: Path, *extra: str) -> list[str]:
+    """The issue's T: `pipeline train --model dnn --max-steps 5 --no-system-metrics --experiment e`,
+    on the synthetic data."""
+    args = ["train", "--model", "dnn", "--max-steps", "5", "--no-system-metrics", "--experiment", "e"]
+    return args + ["--allow-other-data", "--data-dir", str(data_dir), *extra]
+
+
+def refused(result, exit_code: int | None = None) -> str:
+    """The one error line of a command that failed cleanly."""
+    assert "Traceback" not in result.output, result.output
+    assert result.exit_code != 0 if exit_code is None else result.exit_code == exit_code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def no_runs() -> bool:
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return not experiments or not client.search_runs(experiments)
+
+
+def invoke(args: list[str], **kwargs):
+    return CliRunner().invoke(cli, [str(a) for a in args], **kwargs)
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been collected)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+@pytest.fixture
+def sleeper():
+    """A process of the test's own, a group leader as the tracking server is: `sleep 600`."""
+    child = subprocess.Popen(["sleep", "600"], start_new_session=True)
+    yield child
+    child.kill()
+    child.wait()
+
+
+# ----------------------------------------------------------------- 5. an explicit empty value is an error
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--resume", ""],
+        ["--experiment", ""],
+        ["register", "--run-id", "x", "--name", ""],
+        ["download", "--source", ""],
+        ["predict", "--model", "", "x.npy"],
+        ["evaluate", "--run-id", " "],
+    ],
+    ids=["train --resume", "train --experiment", "register --name", "download --source", "predict", "evaluate"],
+)
+def test_an_empty_value_is_an_error_not_the_default(synthetic_data_dir, tracking_store, tmp_path, args):
+    if args[0].startswith("--"):
+        args = T(synthetic_data_dir, *args)
+    elif args[0] == "download":
+        args = [*args, "--data-dir", str(tmp_path / "data")]
+    result = invoke(args)
+    assert "it is empty (an unset variable?): give a value" in refused(result, 2)
+    assert no_runs()
+    assert not (tmp_path / "data").exists()
+
+
+# ----------------------------------------------------------------- 6. float options: finite, in range
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--weight-decay", "nan"),
+        ("--weight-decay", "inf"),
+        ("--weight-decay", "-1"),
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--label-smoothing", "nan"),
+    ],
+)
+def test_float_options_must_be_finite_before_any_run(synthetic_data_dir, tracking_store, option, value):
+    result = invoke(T(synthetic_data_dir, option, value))
+    line = refused(result, 2)
+    assert option in line
+    assert no_runs()
+
+
+def test_a_train_config_refuses_a_non_finite_weight_decay():
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(PipelineError, match="weight_decay must be a finite number"):
+            TrainConfig(weight_decay=value)
+
+
+def test_bench_timing_seconds_must_be_finite(tmp_path):
+    for value in ("nan", "inf"):
+        result = invoke(["bench", "--timing-seconds", value, "--output-dir", tmp_path / "bench"])
+        assert "--timing-seconds" in refused(result, 2)
+    assert not (tmp_path / "bench").exists()
+
+
+# ----------------------------------------------------------------- 8. --experiment: MLflow's limit, checked first
+
+
+def test_a_long_experiment_name_is_refused_before_the_store_is_touched(synthetic_data_dir, tmp_path, monkeypatch):
+    store = tmp_path / "store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    args = T(synthetic_data_dir)
+    args[args.index("e")] = "x" * 501
+    line = refused(invoke(args), 2)
+    assert "501 characters; at most 500 (MLflow's limit for an experiment name)" in line
+    for command in (["runs"], ["compare"], ["ui-url"]):
+        assert "at most 500" in refused(invoke([*command, "--experiment", "x" * 501]), 2)
+    assert not store.exists()
+    assert cli_args.EXPERIMENT_NAME.convert("x" * 500, None, None) == "x" * 500
+
+
+def test_the_experiment_name_limit_is_mlflows():
+    from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH as MLFLOWS
+
+    assert MAX_EXPERIMENT_NAME_LENGTH == MLFLOWS
+
+
+# ----------------------------------------------------------------- 11. predict --model http://...
+
+
+@pytest.mark.parametrize("url", ["http://host/model.onnx", "HTTPS://127.0.0.1:9/x.onnx"])
+def test_an_http_url_is_not_a_model_source(tmp_path, monkeypatch, url):
+    store = tmp_path / "store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), np.uint8))
+    line = refused(invoke(["predict", "--model", url, tmp_path / "x.npy"]), 2)
+    assert "an http(s) URL is not a model source" in line and "runs:/<run_id>/<name>" in line
+    assert "unpack" not in line and not store.exists()
+
+
+# ----------------------------------------------------------------- 15. runs --stale-after
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
+def test_stale_after_must_be_finite_and_positive(tracking_store, value):
+    assert "--stale-after" in refused(invoke(["runs", "--stale", "--stale-after", value]), 2)
+
+
+# ----------------------------------------------------------------- the shared option type
+
+
+def test_the_empty_and_length_checks_are_one_click_type():
+    assert cli_args.TEXT.convert("abc", None, None) == "abc"
+    for blank in ("", "   "):
+        with pytest.raises(click.BadParameter, match="it is empty"):
+            cli_args.TEXT.convert(blank, None, None)
+    with pytest.raises(click.BadParameter, match="at most 500"):
+        cli_args.EXPERIMENT_NAME.convert("x" * 501, None, None)
