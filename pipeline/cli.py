@@ -16,6 +16,7 @@ from pipeline import cli_args, jobs, signals
 from pipeline.config import (
     DOWNLOAD_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
+    MAX_NPROC,
     MODEL_NAMES,
     PRUNERS,
     STALE_AFTER_S,
@@ -112,10 +113,10 @@ def _echo_download(report, data_dir: Path) -> None:
 )
 @click.option(
     "--nproc",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_NPROC),
     default=1,
     help="Train on N local processes with DistributedDataParallel: runs "
-    "`torchrun --nproc-per-node N -m pipeline train ...` with the other options.",
+    "`torchrun --nproc-per-node N -m pipeline train ...` with the other options (at most 4 per core).",
 )
 @click.option(
     "--per-rank-batch",

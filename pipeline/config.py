@@ -48,6 +48,13 @@ PRUNERS: tuple[str, ...] = ("median", "halving", "none")  # `pipeline tune --pru
 # Seeds every tool accepts (numpy's legacy seeding stops at 2**32 - 1); Click checks the option.
 SEED_RANGE: tuple[int, int] = (0, 2**32 - 1)
 
+# `pipeline train --nproc`: at most 4 local processes per core. Each rank is a whole training process
+# with its own copy of the data as float tensors (~190 MB for Fashion-MNIST's training set) and its
+# own threads, so ranks beyond the cores only time-slice them and multiply the memory; 4x still leaves
+# room to try oversubscription (gloo on a few cores, ranks that wait on I/O), while a typo such as
+# --nproc 1000 is refused instead of starting a thousand processes.
+MAX_NPROC = 4 * (os.cpu_count() or 1)
+
 # MLflow refuses longer experiment names (mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH, which
 # tests/test_hostile.py checks); the CLI refuses them first, before any store is opened.
 MAX_EXPERIMENT_NAME_LENGTH = 500

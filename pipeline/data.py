@@ -21,7 +21,7 @@ import numpy as np
 from pipeline.config import CLASS_NAMES
 from pipeline.errors import PipelineError
 from pipeline.files import write_bytes
-from pipeline.idx import GZIP_ERRORS, gunzip_if_gzipped, parse_idx
+from pipeline.idx import GZIP_ERRORS, gunzip_if_gzipped, parse_idx, read_header
 
 SHA256: dict[str, str] = {
     "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
@@ -234,18 +234,38 @@ class Split:
         return len(self.labels)
 
 
+def _present(data_dir: Path, name: str) -> Path:
+    path = raw_dir(data_dir) / name
+    if not path.is_file():
+        raise PipelineError(
+            f"Fashion-MNIST not found: {path} is missing. Run `pipeline download "
+            f"--data-dir {data_dir}` first (or set --data-dir to where the data is)."
+        )
+    return path
+
+
+def split_size(data_dir: Path, split: str) -> int:
+    """How many images a split has, from its labels file's header alone (load_split checks the rest)."""
+    path = _present(data_dir, SPLIT_FILES[split][1])
+    with open(path, "rb") as stream:
+        _, shape = read_header(stream, str(path))
+    return shape[0]
+
+
+def images_to_fit(train_size: int, val_size: int) -> int:
+    """The training images left once the last `val_size` are held out for validation."""
+    if val_size >= train_size:
+        raise PipelineError(f"val_size {val_size:,} leaves no training images (the training split has {train_size:,})")
+    return train_size - val_size
+
+
 def load_split(data_dir: Path, split: str) -> Split:
     """Decode a split from the raw IDX files once; callers slice batches from the arrays."""
     if split not in SPLIT_FILES:
         raise ValueError(f"unknown split {split!r}")
     digests, arrays = {}, []
     for name in SPLIT_FILES[split]:
-        path = raw_dir(data_dir) / name
-        if not path.is_file():
-            raise PipelineError(
-                f"Fashion-MNIST not found: {path} is missing. Run `pipeline download "
-                f"--data-dir {data_dir}` first (or set --data-dir to where the data is)."
-            )
+        path = _present(data_dir, name)
         content = path.read_bytes()
         digests[name] = sha256(content)
         arrays.append(parse_idx(content, str(path)))

@@ -223,10 +223,11 @@ def train_distributed(config: TrainConfig, nproc: int, experiment: str | None = 
     import os
     import subprocess
 
-    from pipeline.distributed import World, torchrun_command
+    from pipeline.distributed import World, check_launch, torchrun_command
 
     if World.from_env().distributed:
         raise PipelineError("--nproc is for starting torchrun; this process already is one of its ranks")
+    check_launch(config, nproc)
     command = torchrun_command(config, nproc, experiment)
     env = dict(os.environ)
     # torchrun would set 1 thread per rank (with a warning); share the cores between the ranks instead.

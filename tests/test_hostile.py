@@ -7,18 +7,21 @@ Servers the tests talk to listen on 127.0.0.1 (or ::1) only, and every request l
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
 from pathlib import Path
 
 import click
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from click.testing import CliRunner
 
 from pipeline import cli_args
 from pipeline.cli import cli
-from pipeline.config import MAX_EXPERIMENT_NAME_LENGTH, TrainConfig
+from pipeline.config import MAX_EXPERIMENT_NAME_LENGTH, MAX_NPROC, TrainConfig
 from pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -127,6 +130,51 @@ def test_bench_timing_seconds_must_be_finite(tmp_path):
     assert not (tmp_path / "bench").exists()
 
 
+# ----------------------------------------------------------------- 7. batch sizes bounded by the data
+
+
+def test_a_train_batch_larger_than_the_training_set_is_refused_before_any_run(synthetic_data_dir, tracking_store):
+    result = invoke(T(synthetic_data_dir, "--batch-size", "99999999999999999999"))
+    line = refused(result, 1)
+    assert "--batch-size 99999999999999999999 is more than the 600 training images" in line
+    assert "--batch-size 600 or less" in line
+    assert no_runs()
+    # With a validation split, the images left to train on are the bound.
+    result = invoke(T(synthetic_data_dir, "--batch-size", "501", "--val-size", "100"))
+    assert "is more than the 500 training images" in refused(result, 1)
+    assert no_runs()
+
+
+def test_predict_allocates_for_the_inputs_there_are(trained_onnx, tmp_path):
+    import tracemalloc
+
+    np.save(tmp_path / "x.npy", np.zeros((3, 28, 28), np.uint8))
+    tracemalloc.start()
+    try:
+        result = invoke(
+            ["predict", "--model", trained_onnx, "--batch-size", 10**9, "-o", tmp_path / "p.csv", tmp_path / "x.npy"]
+        )
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 3
+    assert peak < 64 << 20, f"{peak / 2**20:.0f} MiB"  # 10**9 images would be 2.9 TiB
+    typed = invoke(["predict", "--model", trained_onnx, "--batch-size", "1e9", "x"])
+    assert "'1e9' is not a valid integer" in refused(typed, 2)
+
+
+def test_iter_batches_grows_its_buffer_only_as_far_as_the_images():
+    from pipeline.predict.inputs import Images
+    from pipeline.predict.run import iter_batches
+
+    images = np.random.default_rng(0).integers(0, 256, size=(2500, 28, 28), dtype=np.uint8)
+    items = [Images("a", images[:1000], 0), Images("b", images[1000:], 0)]
+    (batch,) = list(iter_batches(items, 10**12, (28, 28)))
+    assert batch.images.shape == (2500, 1, 28, 28) and len(batch.sources) == 2500
+    np.testing.assert_array_equal(batch.images[:, 0], images / np.float32(255))
+
+
 # ----------------------------------------------------------------- 8. --experiment: MLflow's limit, checked first
 
 
@@ -147,6 +195,39 @@ def test_the_experiment_name_limit_is_mlflows():
     from mlflow.utils.validation import MAX_EXPERIMENT_NAME_LENGTH as MLFLOWS
 
     assert MAX_EXPERIMENT_NAME_LENGTH == MLFLOWS
+
+
+# ----------------------------------------------------------------- 9. --nproc: checked before torchrun starts
+
+
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        (["--batch-size", "1"], "a global batch of 1 cannot be split over 2 ranks"),
+        (["--batch-size", "99999999999999999999"], "is more than the 600 training images"),
+        (["--batch-size", "400", "--per-rank-batch"], "2 ranks x --batch-size 400 is more than the 600 training"),
+        (["--val-size", "600"], "val_size 600 leaves no training images"),
+    ],
+)
+def test_nproc_mistakes_are_refused_before_any_rank_starts(synthetic_data_dir, tracking_store, extra, expected):
+    began = time.monotonic()
+    result = invoke(T(synthetic_data_dir, "--nproc", "2", *extra))
+    assert expected in refused(result, 1)
+    assert "torch.distributed" not in result.output and "ChildFailedError" not in result.output
+    assert time.monotonic() - began < 10  # no torchrun, no ranks importing torch
+    assert no_runs()
+
+
+def test_nproc_is_bounded(synthetic_data_dir, tracking_store):
+    line = refused(invoke(T(synthetic_data_dir, "--nproc", str(MAX_NPROC + 1))), 2)
+    assert f"1<=x<={MAX_NPROC}" in line
+    assert MAX_NPROC == 4 * os.cpu_count()
+
+
+def test_nproc_without_data_is_refused_before_any_rank_starts(tmp_path, tracking_store):
+    result = invoke(T(tmp_path / "nodata", "--nproc", "2"))
+    assert "Fashion-MNIST not found" in refused(result, 1)
+    assert no_runs() and not (tmp_path / "nodata").exists()
 
 
 # ----------------------------------------------------------------- 11. predict --model http://...
