@@ -18,6 +18,7 @@ from pipeline.config import (
     HEARTBEAT_INTERVAL_S,
     MAX_NPROC,
     MODEL_NAMES,
+    ONNX_OPSETS,
     PRUNERS,
     STALE_AFTER_S,
     TrainConfig,
@@ -437,7 +438,12 @@ def predict_command(
     "<model>.onnx. With --quantize "
     "the int8 model goes beside it as <name>.int8.onnx.  [default: logged to MLflow only]",
 )
-@click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset.  [default: the exporter's]")
+@click.option(
+    "--opset",
+    type=click.IntRange(*ONNX_OPSETS),
+    default=None,
+    help="ONNX opset, among those torch's exporter builds natively.  [default: the exporter's]",
+)
 @cli_args.QUANTIZE
 @click.option(
     "--fold/--no-fold",

@@ -55,6 +55,13 @@ SEED_RANGE: tuple[int, int] = (0, 2**32 - 1)
 # --nproc 1000 is refused instead of starting a thousand processes.
 MAX_NPROC = 4 * (os.cpu_count() or 1)
 
+# The ONNX opsets `export-onnx --opset` accepts: what torch.onnx's exporter (torch.export + onnxscript's
+# torchlib) builds natively. From torch/onnx/_internal/exporter/_constants.py TORCHLIB_OPSET (18):
+# below it torch exports at 18 and then tries onnxscript's version converter, which fails for our
+# models (opset 13, 7: "No Adapter From Version 15 for Shape"); up to torch/onnx/_constants.py
+# ONNX_MAX_OPSET (23). tests/test_hostile.py checks both against the installed torch.
+ONNX_OPSETS: tuple[int, int] = (18, 23)
+
 # MLflow refuses longer experiment names (mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH, which
 # tests/test_hostile.py checks); the CLI refuses them first, before any store is opened.
 MAX_EXPERIMENT_NAME_LENGTH = 500

@@ -27,6 +27,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from pipeline.config import ONNX_OPSETS
 from pipeline.errors import PipelineError
 from pipeline.files import write_bytes
 from pipeline.onnx_contract import (
@@ -295,6 +296,9 @@ def export_onnx(
     path = Path(path)
     if not path.parent.is_dir():
         raise PipelineError(f"cannot write {path}: {path.parent} is not an existing directory")
+    low, high = ONNX_OPSETS
+    if opset is not None and not low <= opset <= high:
+        raise PipelineError(f"opset {opset}: torch's exporter builds opsets {low} to {high}")
     input_shape = tuple(model.input_shape)
     device = next(model.parameters()).device
     # Export from a batch of 2: from a batch of 1 torch.export would specialise N to 1.
@@ -321,7 +325,8 @@ def export_onnx(
     produced = next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
     if opset is not None and produced != opset:
         raise PipelineError(
-            f"could not export at opset {opset} (the exporter produced opset {produced}); try --opset 18 or newer"
+            f"could not export at opset {opset} (the exporter produced opset {produced}); "
+            f"try another --opset from {low} to {high}, or leave it out"
         )
     metadata = contract_metadata(class_names, input_shape, model_name, source_run_id)
     metadata[FOLDED_KEY] = "true" if fold else "false"

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from pipeline import cli_args
 from pipeline.cli import cli
-from pipeline.config import MAX_EXPERIMENT_NAME_LENGTH, MAX_NPROC, TrainConfig
+from pipeline.config import MAX_EXPERIMENT_NAME_LENGTH, MAX_NPROC, ONNX_OPSETS, TrainConfig
 from pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -228,6 +228,36 @@ def test_nproc_without_data_is_refused_before_any_rank_starts(tmp_path, tracking
     result = invoke(T(tmp_path / "nodata", "--nproc", "2"))
     assert "Fashion-MNIST not found" in refused(result, 1)
     assert no_runs() and not (tmp_path / "nodata").exists()
+
+
+# ----------------------------------------------------------------- 10. --opset: the exporter's range, before any work
+
+
+@pytest.mark.parametrize("opset", ["1", "7", "17", "24", "99999"])
+def test_an_opset_the_exporter_does_not_build_is_refused_first(tmp_path, monkeypatch, opset):
+    store = tmp_path / "store"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+    result = invoke(["export-onnx", "--run-id", "x", "--opset", opset, "--data-dir", tmp_path / "data"])
+    line = refused(result, 2)
+    assert f"{opset} is not in the range {ONNX_OPSETS[0]}<=x<={ONNX_OPSETS[1]}" in line
+    assert "try --opset" not in result.output
+    assert not store.exists()
+
+
+def test_the_opset_range_is_the_installed_exporters():
+    from torch.onnx import _constants
+    from torch.onnx._internal.exporter import _constants as exporter
+
+    assert ONNX_OPSETS == (exporter.TORCHLIB_OPSET, _constants.ONNX_MAX_OPSET)
+
+
+def test_export_onnx_refuses_an_opset_out_of_range_before_exporting(tmp_path):
+    from pipeline.export import export_onnx
+    from pipeline.models import build_model
+
+    with pytest.raises(PipelineError, match=r"opset 7: torch's exporter builds opsets 18 to 23"):
+        export_onnx(build_model("dnn"), tmp_path / "m.onnx", ["a"] * 10, "dnn", "run", opset=7)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------- 11. predict --model http://...
