@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import nn
 
 from pipeline.config import ONNX_OPSETS
 from pipeline.errors import PipelineError
-from pipeline.files import write_bytes
+from pipeline.files import temporary_folder, write_bytes
 from pipeline.onnx_contract import (
     INPUT_SCALING,
     ONNX_INPUT_NAME,
@@ -389,7 +388,7 @@ def quantize_int8(
     fp32_path, output_path = Path(fp32_path), Path(output_path)
     quant_format = config.resolved_format()
     metadata = read_metadata(fp32_path)
-    with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
+    with temporary_folder("quantize") as tmp:
         # Shape inference and graph optimisation first, as onnxruntime's quantisation guide asks.
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))

@@ -433,9 +433,10 @@ class PredictJob:
 
 def predict_batch(model: str, inputs: tuple[str, ...], output: Path | None, config: PredictConfig) -> PredictJob:
     """Batch prediction with onnxruntime over a .onnx file or a logged model URI. Never imports torch."""
+    from pipeline.files import temporary_folder
     from pipeline.predict import Predictor, is_model_uri, predict
 
-    with tempfile.TemporaryDirectory(prefix="pipeline-predict-") as tmp:
+    with temporary_folder("pipeline-predict") as tmp:
         model_path: str | Path = model
         if is_model_uri(model):
             from pipeline import tracking
@@ -503,7 +504,7 @@ def export_run(
     an export the run already has, with the same settings and a passed check, stands.
     `in_process`: the run's model as this process trained it, used instead of loading it from the store.
     """
-    from pipeline import export, tracking
+    from pipeline import export, files, tracking
     from pipeline.data import load_split
     from pipeline.parity import check_parity, check_quantized
 
@@ -530,7 +531,7 @@ def export_run(
     target = export.resolve_output(output, model_name) if output else None
     calibration = export.calibration_sample(load_split(data_dir, "train").images) if quantize == "int8" else None
     example = export.example_input(test.images)
-    with tempfile.TemporaryDirectory(prefix="export-onnx-") as tmp:
+    with files.temporary_folder("export-onnx") as tmp:
         fp32_path = export.export_onnx(
             model,
             target or Path(tmp) / export.default_output_name(model_name),

@@ -8,7 +8,9 @@ Servers the tests talk to listen on 127.0.0.1 (or ::1) only, and every request l
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,10 +21,11 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import cli_args
+from pipeline import cli_args, processes
 from pipeline.cli import cli
 from pipeline.config import MAX_EXPERIMENT_NAME_LENGTH, MAX_NPROC, ONNX_OPSETS, TrainConfig
 from pipeline.errors import PipelineError
+from pipeline.files import atomic_write, temporary_folder
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -273,12 +276,115 @@ def test_an_http_url_is_not_a_model_source(tmp_path, monkeypatch, url):
     assert "unpack" not in line and not store.exists()
 
 
+# ----------------------------------------------------------------- 12. a long output name
+
+
+def test_a_long_output_name_gets_a_temporary_name_that_fits(trained_onnx, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), np.uint8))
+    out = tmp_path / ("p" * 250 + ".csv")  # 254 bytes: the final name fits, ".NAME.XXXXXXXX.tmp" would not
+    result = invoke(["predict", "--model", trained_onnx, "-o", out, tmp_path / "x.npy"])
+    assert result.exit_code == 0, result.output
+    assert len(pd.read_csv(out)) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "x.npy"])
+    too_long = tmp_path / ("p" * 252 + ".csv")  # 256 bytes: no name that long fits
+    line = refused(invoke(["predict", "--model", trained_onnx, "-o", too_long, tmp_path / "x.npy"]), 1)
+    assert "its name is longer than the folder takes" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "x.npy"])
+
+
+def test_temporary_names_fit_with_multibyte_names(tmp_path):
+    name = "é" * 125 + ".csv"  # 254 bytes in UTF-8
+    with atomic_write(tmp_path / name, "w") as handle:
+        (tmp,) = [p for p in tmp_path.iterdir()]
+        assert len(os.fsencode(tmp.name)) <= 255 and tmp.name.startswith(".é")
+        handle.write("ok")
+    assert (tmp_path / name).read_text() == "ok"
+
+
 # ----------------------------------------------------------------- 15. runs --stale-after
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1", "0"])
 def test_stale_after_must_be_finite_and_positive(tracking_store, value):
     assert "--stale-after" in refused(invoke(["runs", "--stale", "--stale-after", value]), 2)
+
+
+# ----------------------------------------------------------------- 16. SIGKILL leftovers
+
+
+def test_a_killed_predicts_temporary_file_is_removed_by_the_next_predict(trained_onnx, tmp_path):
+    np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), np.uint8))
+    out = tmp_path / "out.csv"
+    # Paths from stdin, which stays open: the process waits with its temporary table open.
+    code = f"from pipeline.cli import cli; cli({['predict', '--model', str(trained_onnx), '-o', str(out), '-']!r})"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    victim = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (left := list(tmp_path.glob(".out.csv.*.tmp"))):
+            assert victim.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+            victim.wait()
+    assert [p.name for p in left] == [p.name for p in tmp_path.glob(".out.csv.*.tmp")]  # left behind
+    assert f"-{victim.pid}.tmp" in left[0].name  # named after its writer
+    result = invoke(["predict", "--model", trained_onnx, "-o", out, tmp_path / "x.npy"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv", "x.npy"]
+
+
+def test_only_a_dead_writers_leftovers_are_removed(tmp_path, sleeper):
+    tag = processes.host_tag()
+    dead, live = dead_pid(), sleeper.pid
+    leftovers = {
+        "dead": tmp_path / f".out.csv.abcd1234.{tag}-{dead}.tmp",
+        "live": tmp_path / f".out.csv.efgh5678.{tag}-{live}.tmp",
+        "other host": tmp_path / f".out.csv.ijkl9012.00000000-{dead}.tmp",
+        "other file": tmp_path / f".other.csv.mnop3456.{tag}-{dead}.tmp",
+    }
+    for path in leftovers.values():
+        path.write_text("half a table")
+    with atomic_write(tmp_path / "out.csv", "w") as handle:
+        handle.write("done")
+    assert not leftovers["dead"].exists()
+    assert all(leftovers[k].exists() for k in ("live", "other host", "other file"))
+
+
+def test_a_killed_exports_temporary_folder_is_removed_by_the_next_export(
+    synthetic_data_dir, tracking_store, tmp_path, monkeypatch, sleeper
+):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    tag = processes.host_tag()
+    dead = tmp_path / "tmp" / f"export-onnx-{tag}-{dead_pid()}-abc123"
+    live = tmp_path / "tmp" / f"export-onnx-{tag}-{sleeper.pid}-def456"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "dnn.onnx").write_bytes(bytes(1 << 20))  # what a SIGKILL mid-export leaves: ~1 MB
+    trained = invoke(T(synthetic_data_dir))
+    assert trained.exit_code == 0, trained.output
+    run_id = trained.output.split("Run id:")[1].split()[0]
+    exported = invoke(["export-onnx", "--run-id", run_id, "--data-dir", synthetic_data_dir])
+    assert exported.exit_code == 0, exported.output
+    assert not dead.exists() and live.exists()
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [live.name]  # its own folder is gone too
+
+
+def test_temporary_folder_is_named_for_its_writer_and_removed(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with temporary_folder("pipeline-predict") as folder:
+        assert folder.parent == tmp_path
+        assert folder.name.startswith(f"pipeline-predict-{processes.host_tag()}-{os.getpid()}-")
+        (folder / "model.onnx").write_bytes(b"x")
+    assert list(tmp_path.iterdir()) == []
 
 
 # ----------------------------------------------------------------- the shared option type
