@@ -7,6 +7,7 @@ Servers the tests talk to listen on 127.0.0.1 (or ::1) only, and every request l
 
 from __future__ import annotations
 
+import gzip
 import os
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from pipeline.cli import cli
 from pipeline.config import MAX_EXPERIMENT_NAME_LENGTH, MAX_NPROC, ONNX_OPSETS, TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write, temporary_folder
+from pipeline.idx import encode_idx
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -299,6 +301,31 @@ def test_temporary_names_fit_with_multibyte_names(tmp_path):
         assert len(os.fsencode(tmp.name)) <= 255 and tmp.name.startswith(".é")
         handle.write("ok")
     assert (tmp_path / name).read_text() == "ok"
+
+
+# ----------------------------------------------------------------- 13. a gzip file with a flipped byte
+
+
+def flipped(path: Path, where: str) -> Path:
+    images = np.random.default_rng(0).integers(0, 256, size=(100, 28, 28), dtype=np.uint8)
+    blob = bytearray(gzip.compress(encode_idx(images), compresslevel=0, mtime=0))  # stored: decodes anyway
+    blob[len(blob) // 2 if where == "data" else -6] ^= 0x01  # a pixel, or the CRC-32 in the trailer
+    path.write_bytes(bytes(blob))
+    return path
+
+
+@pytest.mark.parametrize("where", ["data", "crc"])
+def test_a_gzip_file_with_a_flipped_byte_is_refused(trained_onnx, tmp_path, where):
+    corrupt = flipped(tmp_path / "corrupt.idx.gz", where)
+    out = tmp_path / "out.csv"
+    result = invoke(["predict", "--model", trained_onnx, "-o", out, corrupt])
+    assert "nothing was predicted" in refused(result, 1)
+    table = pd.read_csv(out)
+    assert len(table) == 1 and table["error"][0].startswith("corrupt gzip file (CRC check failed")
+    # Beside a good input it is an error row (the run goes on), and --strict fails the run.
+    np.save(tmp_path / "x.npy", np.zeros((2, 28, 28), np.uint8))
+    strict = invoke(["predict", "--model", trained_onnx, "--strict", "-o", out, corrupt, tmp_path / "x.npy"])
+    assert "--strict: 1 input(s) failed" in refused(strict, 1)
 
 
 # ----------------------------------------------------------------- 15. runs --stale-after
