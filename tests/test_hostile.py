@@ -328,6 +328,44 @@ def test_a_gzip_file_with_a_flipped_byte_is_refused(trained_onnx, tmp_path, wher
     assert "--strict: 1 input(s) failed" in refused(strict, 1)
 
 
+# ----------------------------------------------------------------- 14. a checkpoint that pickles a callable
+
+
+def test_resuming_from_a_checkpoint_that_pickles_a_callable_is_one_line(synthetic_data_dir, tracking_store, tmp_path):
+    import torch
+
+    from pipeline import tracking
+    from pipeline.checkpoint import load_training_state
+    from pipeline.train import train
+
+    class StopAfterCheckpoint(tracking.MlflowTrainCallback):
+        def on_checkpoint(self, epoch, step, state):
+            super().on_checkpoint(epoch, step, state)
+            raise KeyboardInterrupt
+
+    config = TrainConfig(model="dnn", epochs=2, batch_size=100, data_dir=synthetic_data_dir, allow_other_data=True)
+    with pytest.raises(KeyboardInterrupt), tracking.run(run_name="dnn") as active:
+        train(config, [StopAfterCheckpoint()])
+    run_id = active.info.run_id
+    evil = tmp_path / "evil" / "training_state.pt"
+    evil.parent.mkdir()
+    torch.save({"model_name": "dnn", "step": 6, "hook": print}, evil)
+    mlflow.MlflowClient().log_artifact(run_id, str(evil), "checkpoint")
+
+    result = invoke(["train", "--resume", run_id])
+    line = refused(result, 1)
+    assert "not a usable training checkpoint: it holds Python objects other than tensors" in line
+    assert "print" in line and "weights_only" not in result.output and "trust" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    client = mlflow.MlflowClient()
+    assert client.get_run(run_id).info.status == "KILLED"
+    experiment = client.get_run(run_id).info.experiment_id
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [run_id]
+    with pytest.raises(PipelineError) as info:
+        load_training_state(evil)
+    assert "\n" not in str(info.value)
+
+
 # ----------------------------------------------------------------- 15. runs --stale-after
 
 
