@@ -8,10 +8,12 @@ Servers the tests talk to listen on 127.0.0.1 (or ::1) only, and every request l
 from __future__ import annotations
 
 import gzip
+import http.server
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +24,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import cli_args, processes
+from pipeline import cli_args, data, processes
 from pipeline.cli import cli
 from pipeline.config import MAX_EXPERIMENT_NAME_LENGTH, MAX_NPROC, ONNX_OPSETS, TrainConfig
 from pipeline.errors import PipelineError
@@ -73,6 +75,107 @@ def sleeper():
     yield child
     child.kill()
     child.wait()
+
+
+# ----------------------------------------------------------------- 1. download: a deadline and a size cap
+
+
+class Drip(http.server.BaseHTTPRequestHandler):
+    """Answers every GET slowly or without end, as `mode` says; every loop is bounded and stops with the test."""
+
+    mode = "body"
+    stop: threading.Event
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        try:
+            if self.mode == "headers":  # the status line itself, a byte a second
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"[:60]:
+                    if self.stop.wait(1):
+                        return
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+            elif self.mode == "body":  # headers at once, then a byte a second of a 10 MB body
+                self.send_response(200)
+                self.send_header("Content-Length", str(10_000_000))
+                self.end_headers()
+                for _ in range(60):
+                    self.wfile.write(b"\x1f")
+                    self.wfile.flush()
+                    if self.stop.wait(1):
+                        return
+            else:  # endless: zeros as fast as the client takes them, up to 4x the cap
+                self.send_response(200)
+                self.end_headers()
+                chunk = bytes(1 << 16)
+                for _ in range(4 * data.MAX_SOURCE_BYTES // len(chunk)):
+                    if self.stop.is_set():
+                        return
+                    self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture
+def hostile_source(monkeypatch):
+    """Start a Drip server in a mode; only it is a source (no Debian copy, no mirrors)."""
+    monkeypatch.setattr(data, "SYSTEM_COPY", Path("/nonexistent/fashion-mnist"))
+    monkeypatch.setattr(data, "TORCHVISION_MIRRORS", ())
+    started = []
+
+    def start(mode: str) -> str:
+        stop = threading.Event()
+        handler = type("Handler", (Drip,), {"mode": mode, "stop": stop})
+        httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+        thread.start()
+        started.append((httpd, stop))
+        return f"http://127.0.0.1:{httpd.server_address[1]}/"
+
+    yield start
+    for httpd, stop in started:
+        stop.set()
+        httpd.shutdown()
+        httpd.server_close()
+
+
+@pytest.mark.parametrize("mode", ["body", "headers"])
+def test_download_timeout_is_a_deadline_for_the_whole_transfer(hostile_source, tmp_path, mode):
+    url = hostile_source(mode)
+    began = time.monotonic()
+    result = invoke(["download", "--source", url, "--timeout", "2", "--data-dir", tmp_path / "data"])
+    took = time.monotonic() - began
+    assert took < 10, f"a 2 s deadline took {took:.0f} s"
+    line = refused(result, 1)
+    assert "could not find" in line
+    assert f"{url}: no complete answer within --timeout 2 s" in result.output
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+
+
+def test_an_endless_body_stops_at_the_cap_on_disk_not_in_memory(hostile_source, tmp_path):
+    import tracemalloc
+
+    url = hostile_source("endless")
+    tracemalloc.start()
+    try:
+        with pytest.raises(PipelineError) as info:
+            data.download(tmp_path / "data", data.default_sources(url, timeout=30))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    message = str(info.value)
+    assert "\n" not in message and f"larger than {data.MAX_SOURCE_BYTES:,} bytes" in message and url in message
+    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB in memory"  # the cap is 64 MiB, and it went to disk
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    # And through the CLI: one line, exit 1.
+    result = invoke(["download", "--source", url, "--timeout", "30", "--data-dir", tmp_path / "data"])
+    assert "larger than" in refused(result, 1)
+
+
+def test_the_cap_covers_the_largest_real_file():
+    assert max(data.SIZES.values()) < data.MAX_SOURCE_BYTES  # a raw train-images file still fits
 
 
 # ----------------------------------------------------------------- 5. an explicit empty value is an error
