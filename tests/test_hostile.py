@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gzip
 import http.server
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +26,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from pipeline import cli_args, data, processes
+from pipeline import cli_args, data, processes, server
 from pipeline.cli import cli
 from pipeline.config import MAX_EXPERIMENT_NAME_LENGTH, MAX_NPROC, ONNX_OPSETS, TrainConfig
 from pipeline.errors import PipelineError
@@ -176,6 +178,165 @@ def test_an_endless_body_stops_at_the_cap_on_disk_not_in_memory(hostile_source, 
 
 def test_the_cap_covers_the_largest_real_file():
     assert max(data.SIZES.values()) < data.MAX_SOURCE_BYTES  # a raw train-images file still fits
+
+
+# ----------------------------------------------------------------- 2. server stop/start: only the server we started
+
+
+def server_json(folder: Path, pid: int, **extra) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {
+        "url": "http://127.0.0.1:5050",
+        "pid": pid,
+        "db": "sqlite",
+        "backend_store_uri": "sqlite:///x.db",
+        "artifacts_destination": str(folder / "artifacts"),
+        "log": str(folder / "mlflow-server.log"),
+        **extra,
+    }
+    (folder / "server.json").write_text(json.dumps(state))
+    return folder / "server.json"
+
+
+def mlflow_server_identity(pid: int) -> dict:
+    """What `server start` records, for a pid that is now some other process: a different start time."""
+    start = processes.identity(pid).start_time
+    return {"start_time": start + 1, "command": [sys.executable, "-m", "mlflow", "server", "--port", "5050"]}
+
+
+@pytest.mark.parametrize("recorded", ["nothing (an older server.json)", "another process", "a non-mlflow command"])
+def test_server_stop_never_signals_a_pid_that_is_another_process_now(sleeper, tmp_path, recorded):
+    if recorded == "another process":
+        extra = mlflow_server_identity(sleeper.pid)
+    elif recorded == "a non-mlflow command":  # the sleep's true identity: still not a server of ours
+        me = processes.identity(sleeper.pid)
+        extra = {"start_time": me.start_time, "command": list(me.command)}
+    else:
+        extra = {}
+    state = server_json(tmp_path / "srv", sleeper.pid, **extra)
+    result = invoke(["server", "stop", "--folder", tmp_path / "srv"])
+    line = refused(result, 1)
+    assert f"pid {sleeper.pid} (sleep 600)" in line and "not signalled" in line
+    time.sleep(0.2)
+    assert sleeper.poll() is None  # still alive: not SIGTERMed, not SIGKILLed
+    assert state.is_file()  # refused: nothing changed
+
+
+def test_server_start_does_not_replace_a_pid_that_is_another_process_now(sleeper, tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        folder = tmp_path / "srv"
+        server_json(folder, sleeper.pid, url=f"http://127.0.0.1:{port}", **mlflow_server_identity(sleeper.pid))
+        result = invoke(["server", "start", "--port", port, "--folder", folder])
+    assert f"port {port} on 127.0.0.1 is in use" in refused(result, 1)
+    time.sleep(0.2)
+    assert sleeper.poll() is None
+
+
+def test_server_stop_still_stops_the_process_it_recorded(tmp_path):
+    # A stand-in whose command line reads like mlflow's server (sys.argv after -c is kept).
+    code = "import time; time.sleep(600)"
+    child = subprocess.Popen([sys.executable, "-c", code, "mlflow", "server"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while (found := processes.identity(child.pid)) is None or "mlflow" not in found.command:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        server_json(tmp_path / "srv", child.pid, start_time=found.start_time, command=list(found.command))
+        result = invoke(["server", "stop", "--folder", tmp_path / "srv"])
+        assert result.exit_code == 0 and f"Stopped mlflow server at http://127.0.0.1:5050 (pid {child.pid})" in (
+            result.output
+        )
+        child.wait(timeout=30)  # (stop may have collected it already: it is the test's child)
+        assert not processes.alive(child.pid)
+        assert not (tmp_path / "srv" / "server.json").exists()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+# ----------------------------------------------------------------- 3. server folders and state files
+
+
+def test_server_start_in_a_folder_under_proc_is_one_line():
+    result = invoke(["server", "start", "--folder", "/proc/x", "--port", free_port()])
+    assert "cannot write the server folder /proc/x" in refused(result, 1)
+
+
+def test_server_start_in_a_read_only_folder_is_one_line_and_writes_nothing(tmp_path, make_unwritable):
+    (tmp_path / "srv").mkdir()
+    folder = make_unwritable(tmp_path / "srv")
+    result = invoke(["server", "start", "--folder", folder, "--port", free_port()])
+    assert f"cannot write the server folder {folder}: not writable" in refused(result, 1)
+    assert list(folder.iterdir()) == []
+
+
+@pytest.fixture
+def tmp_srv(tmp_path) -> Path:
+    (tmp_path / "srv").mkdir()
+    return tmp_path / "srv"
+
+
+def test_server_stop_in_a_read_only_folder_is_one_line(tmp_srv, make_unwritable):
+    server_json(tmp_srv, dead_pid())  # a server that is gone: stop removes its state file
+    make_unwritable(tmp_srv)
+    result = invoke(["server", "stop", "--folder", tmp_srv])
+    assert f"cannot remove {tmp_srv / 'server.json'}" in refused(result, 1)
+
+
+@pytest.mark.parametrize("content", ["{not json", "[]", '{"pid": 12}', "NOT_A_STATE", '{"url": "x", "pid": "12"}'])
+@pytest.mark.parametrize("command", ["start", "stop"])
+def test_a_corrupt_server_json_is_one_line(tmp_srv, content, command):
+    if content == "NOT_A_STATE":  # the right keys, but a pid no server has (0 would be our own group)
+        state = server_json(tmp_srv, 0)
+        content = state.read_text()
+    (tmp_srv / "server.json").write_text(content)
+    result = invoke(["server", command, "--folder", tmp_srv, *(["--port", free_port()] if command == "start" else [])])
+    line = refused(result, 1)
+    assert f"{tmp_srv / 'server.json'} is not a state file `pipeline server start` wrote" in line
+    assert (tmp_srv / "server.json").read_text() == content
+    assert [p.name for p in tmp_srv.iterdir()] == ["server.json"]
+
+
+# ----------------------------------------------------------------- 4. the host: its own address family; unresolvable
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def ipv6_loopback() -> bool:
+    try:
+        free_port("::1")
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_server_start_on_ipv6_probes_ipv6(tmp_path):
+    port = free_port("::1")
+    assert server._listen_problem("::1", port) is None  # the IPv4 probe called it "in use"
+    assert server.ServerConfig(host="::1", port=port, folder=tmp_path).url == f"http://[::1]:{port}"
+    with socket.socket(socket.AF_INET6) as taken:
+        taken.bind(("::1", port))
+        taken.listen()
+        result = invoke(["server", "start", "--host", "::1", "--port", port, "--folder", tmp_path / "srv"])
+    assert f"port {port} on ::1 is in use" in refused(result, 1)
+    assert not (tmp_path / "srv").exists()
+
+
+def test_server_start_on_an_unresolvable_host_says_so(tmp_path):
+    result = invoke(["server", "start", "--host", "no.such.host.invalid", "--folder", tmp_path / "srv"])
+    line = refused(result, 1)
+    assert "--host no.such.host.invalid: cannot resolve it" in line and "in use" not in line
+    assert not (tmp_path / "srv").exists()
 
 
 # ----------------------------------------------------------------- 5. an explicit empty value is an error
