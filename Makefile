@@ -93,9 +93,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests
 	$(BIN)/ruff format --check pipeline tests
 
+# What the project and the README's commands leave in the project root (all in .gitignore), and the
+# bytecode of the project's own folders: never inside $(VENV) or data/. .server/ stays: a team's runs.
 clean:
-	rm -rf mlruns mlflow.db outputs .pytest_cache .ruff_cache build *.egg-info
-	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -rf mlruns mlflow.db mlartifacts outputs exports predictions.* request.json \
+	  .pytest_cache .ruff_cache build dist *.egg-info
+	find . \( -path ./$(VENV) -o -path ./data -o -path ./.git \) -prune -o \
+	  -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
 	rm -rf $(VENV) data

@@ -716,6 +716,35 @@ def test_temporary_folder_is_named_for_its_writer_and_removed(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []
 
 
+# ----------------------------------------------------------------- 17. make clean
+
+
+def test_make_clean_cleans_the_project_and_never_the_venv(tmp_path):
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "Makefile").write_bytes((REPO / "Makefile").read_bytes())
+    kept = [".venv/lib/python3.11/site-packages/pkg/__pycache__/m.pyc", ".venv/bin/python", "data/FashionMNIST/raw/x"]
+    kept += [".server/server.json", "README.md", "pipeline/cli.py"]
+    removed = ["pipeline/__pycache__/cli.cpython-311.pyc", "tests/__pycache__/t.pyc", "exports/cnn.onnx"]
+    removed += ["predictions.csv", "predictions.parquet", "request.json", "mlruns/mlflow.db", "outputs/compare/c.csv"]
+    removed += ["mlartifacts/1/a", ".pytest_cache/v", ".ruff_cache/x", "build/lib/x", "x.egg-info/PKG-INFO"]
+    for name in kept + removed:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x")
+    done = subprocess.run(["make", "-C", str(root), "clean"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert [name for name in kept if not (root / name).exists()] == []
+    assert [name for name in removed if (root / name).exists()] == []
+    assert not (root / "pipeline" / "__pycache__").exists() and not (root / "exports").exists()
+
+
+def test_what_the_documented_commands_leave_is_ignored_by_git():
+    names = ["exports/cnn.onnx", "predictions.csv", "predictions.jsonl", "request.json", "mlartifacts/x", ".server/x"]
+    names += ["outputs/bench/bench.md", "mlruns/mlflow.db", "pipeline/__pycache__/x.pyc"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *names], cwd=REPO, capture_output=True, text=True)
+    assert sorted(done.stdout.split()) == sorted(names)
+
+
 # ----------------------------------------------------------------- the shared option type
 
 
