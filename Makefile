@@ -118,9 +118,13 @@ docs: $(STAMP)
 docs-serve: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:$(DOCS_PORT)
 
+# What the project and the documented commands leave in the project root (all in .gitignore), and the
+# bytecode of the project's own folders: never inside $(VENV) or data/. .server/ stays: a team's runs.
 clean:
-	rm -rf mlruns mlflow.db mlflow.db.lock mlflow-optuna.db outputs site .pytest_cache .ruff_cache build *.egg-info
-	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -rf mlruns mlflow.db mlflow.db.lock mlflow-optuna.db mlartifacts outputs exports predictions.* request.json \
+	  site .pytest_cache .ruff_cache build dist *.egg-info
+	find . \( -path ./$(VENV) -o -path ./data -o -path ./.git \) -prune -o \
+	  -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
 	rm -rf $(VENV) data

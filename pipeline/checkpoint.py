@@ -7,6 +7,8 @@ run code; a file that isn't one of ours is a PipelineError, not a traceback.
 
 from __future__ import annotations
 
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -15,6 +17,21 @@ from torch import nn
 from pipeline.errors import PipelineError
 from pipeline.files import atomic_write
 from pipeline.models import build_model
+
+
+def _why_unusable(exc: Exception) -> str:
+    """One line on why torch.load refused a file, never torch's advice to load it with weights_only=False.
+
+    A checkpoint of ours holds tensors and plain values only. One that pickles anything else (a
+    function, a class) could run code when unpickled, so it stays refused, whatever its source.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    if isinstance(exc, pickle.UnpicklingError) and "weights only" in text.lower():
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        what = f" (it refers to {found.group(1)})" if found else ""
+        return f"it holds Python objects other than tensors and plain values{what}, which can run code when loaded"
+    line = " ".join(text.split()) or type(exc).__name__  # load_state_dict's list of keys spans lines
+    return line if len(line) <= 300 else line[:297] + "..."
 
 
 def save_checkpoint(model: nn.Module, path, class_names: list[str] | tuple[str, ...]) -> None:
@@ -39,7 +56,7 @@ def load_checkpoint(path) -> tuple[nn.Module, list[str]]:
     except PipelineError:
         raise
     except Exception as exc:  # a truncated file, a foreign pickle, mismatched weights
-        raise PipelineError(f"{path}: not a usable model checkpoint ({exc})") from None
+        raise PipelineError(f"{path}: not a usable model checkpoint: {_why_unusable(exc)}") from None
     return model.eval(), list(checkpoint["class_names"])
 
 
@@ -60,7 +77,7 @@ def load_training_state(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated file, a foreign pickle
-        raise PipelineError(f"{path}: not a usable training checkpoint ({exc})") from None
+        raise PipelineError(f"{path}: not a usable training checkpoint: {_why_unusable(exc)}") from None
     missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise PipelineError(f"{path}: not a training checkpoint (no {', '.join(missing)})")

@@ -14,7 +14,16 @@ from pathlib import Path
 import click
 
 from pipeline import cli_args, jobs, signals
-from pipeline.config import DOWNLOAD_TIMEOUT_S, HEARTBEAT_INTERVAL_S, MODEL_NAMES, PRUNERS, STALE_AFTER_S, TrainConfig
+from pipeline.config import (
+    DOWNLOAD_TIMEOUT_S,
+    HEARTBEAT_INTERVAL_S,
+    MAX_NPROC,
+    MODEL_NAMES,
+    ONNX_OPSETS,
+    PRUNERS,
+    STALE_AFTER_S,
+    TrainConfig,
+)
 from pipeline.errors import PipelineError
 from pipeline.server import DATABASES, ServerConfig, default_folder
 from pipeline.signals import Terminated, sigterm_raises
@@ -71,6 +80,7 @@ def cli() -> None:
 @cli_args.DATA_DIR
 @click.option(
     "--source",
+    type=cli_args.TEXT,
     metavar="PATH|URL",
     default=None,
     help="A folder holding the four .gz (or raw) files, or a base URL serving the .gz files. "
@@ -103,6 +113,7 @@ def _echo_download(report, data_dir: Path) -> None:
 @cli_args.train_settings
 @click.option(
     "--resume",
+    type=cli_args.TEXT,
     metavar="RUN_ID",
     default=None,
     help="Continue a KILLED, FAILED or stale RUNNING run from its last checkpoint, in the same run, with "
@@ -110,10 +121,10 @@ def _echo_download(report, data_dir: Path) -> None:
 )
 @click.option(
     "--nproc",
-    type=click.IntRange(min=1),
+    type=click.IntRange(1, MAX_NPROC),
     default=1,
     help="Train on N local processes with DistributedDataParallel: runs "
-    "`torchrun --nproc-per-node N -m pipeline train ...` with the other options.",
+    "`torchrun --nproc-per-node N -m pipeline train ...` with the other options (at most 4 per core).",
 )
 @click.option(
     "--per-rank-batch",
@@ -212,9 +223,15 @@ def run_command(quantize: str, reuse: bool, register: bool, experiment: str | No
     default=None,
     help="Start no new trial after this long: 90s, 30m, 2h (with --n-trials, whichever comes first).  [default: none]",
 )
-@click.option("--study-name", default=None, help="The same name and storage resume a study.  [default: MODEL-tune]")
+@click.option(
+    "--study-name",
+    type=cli_args.TEXT,
+    default=None,
+    help="The same name and storage resume a study.  [default: MODEL-tune]",
+)
 @click.option(
     "--storage",
+    type=cli_args.TEXT,
     metavar="URL",
     default=None,
     help="Optuna RDB storage shared by resumes and parallel workers, e.g. postgresql://user@host/optuna.  "
@@ -308,6 +325,7 @@ def tune_command(
 @cli_args.run_id("of a `pipeline train` run; the results are logged into it", required=False)
 @click.option(
     "--model-uri",
+    type=cli_args.TEXT,
     metavar="URI",
     default=None,
     help="Evaluate this model instead: runs:/<run_id>/pytorch_model, models:/<model_id> or models:/<name>/<version>. "
@@ -375,6 +393,7 @@ def compare_command(experiment: str | None, run_ids: tuple[str, ...], output_dir
 @click.option(
     "--model",
     "model",
+    type=cli_args.MODEL_SOURCE,
     required=True,
     metavar="PATH|URI",
     help="An exported .onnx file, or a logged ONNX model: runs:/<run_id>/<name>, models:/<name>@<alias>, "
@@ -426,7 +445,12 @@ def predict_command(
     "<model>.onnx. With --quantize "
     "the int8 model goes beside it as <name>.int8.onnx.  [default: logged to MLflow only]",
 )
-@click.option("--opset", type=click.IntRange(min=1), default=None, help="ONNX opset.  [default: the exporter's]")
+@click.option(
+    "--opset",
+    type=click.IntRange(*ONNX_OPSETS),
+    default=None,
+    help="ONNX opset, among those torch's exporter builds natively.  [default: the exporter's]",
+)
 @cli_args.QUANTIZE
 @click.option(
     "--fold/--no-fold",
@@ -499,7 +523,12 @@ def check_parity_command(run_id: str, onnx_file: Path | None, data_dir: Path) ->
 
 
 @cli.command("runs")
-@click.option("--experiment", default=None, help="Only this experiment.  [default: every experiment in the store]")
+@click.option(
+    "--experiment",
+    type=cli_args.EXPERIMENT_NAME,
+    default=None,
+    help="Only this experiment.  [default: every experiment in the store]",
+)
 @click.option(
     "--stale",
     is_flag=True,
@@ -508,7 +537,7 @@ def check_parity_command(run_id: str, onnx_file: Path | None, data_dir: Path) ->
 )
 @click.option(
     "--stale-after",
-    type=click.FloatRange(min=2 * HEARTBEAT_INTERVAL_S),
+    type=cli_args.FiniteFloatRange(min=2 * HEARTBEAT_INTERVAL_S),
     default=STALE_AFTER_S,
     help=f"Seconds without a heartbeat after which a RUNNING run is stale (a live stage beats every "
     f"{HEARTBEAT_INTERVAL_S:.0f} s).",
@@ -545,6 +574,7 @@ def runs_command(experiment: str | None, stale: bool, stale_after: float, mark_f
 @cli_args.run_id("whose exported ONNX model is registered (its parity check must have passed)")
 @click.option(
     "--name",
+    type=cli_args.TEXT,
     default=None,
     help="Registered model name; the PyTorch model goes to NAME-pytorch. Give runs of different models "
     "the same name to make them compete for champion.  [default: fashion-<model>, e.g. fashion-cnn]",
@@ -563,9 +593,10 @@ def _echo_registration(job) -> None:
 
 
 @cli.command("promote")
-@click.option("--name", required=True, help="Registered model name, e.g. fashion-cnn.")
+@click.option("--name", type=cli_args.TEXT, required=True, help="Registered model name, e.g. fashion-cnn.")
 @click.option(
     "--version",
+    type=cli_args.TEXT,
     default=None,
     help="Make this version the champion, whatever its accuracy.  [default: the candidate, if it beats the "
     "champion by more than the noise margin]",
@@ -581,7 +612,7 @@ def promote_command(name: str, version: str | None, force: bool) -> None:
 
 @cli.command("ui-url")
 @cli_args.EXPERIMENT
-@click.option("--host", default="127.0.0.1", help="Where `mlflow ui` listens.")
+@click.option("--host", type=cli_args.TEXT, default="127.0.0.1", help="Where `mlflow ui` listens.")
 @click.option("--port", type=int, default=5000, help="Where `mlflow ui` listens.")
 def ui_url_command(experiment: str | None, host: str, port: int) -> None:
     """Print the MLflow UI's links to the experiment's runs (with the pipeline's columns) and to the registry."""
@@ -609,7 +640,7 @@ def ui_url_command(experiment: str | None, host: str, port: int) -> None:
 )
 @click.option(
     "--timing-seconds",
-    type=click.FloatRange(min=0, min_open=True),
+    type=cli_args.FiniteFloatRange(min=0, min_open=True),
     default=None,
     help="Seconds each inference throughput figure is timed for (at least 5 calls each).  "
     "[default: 1 with --quick, else 3 (2 for the onnxruntime levers)]",
@@ -693,7 +724,12 @@ def server_group() -> None:
     default=ServerConfig.db,
     help="sqlite: the project store (mlflow.db); postgresql: a cluster of its own in FOLDER/postgresql.",
 )
-@click.option("--host", default=ServerConfig.host, help="Interface to listen on; 0.0.0.0 for the whole network.")
+@click.option(
+    "--host",
+    type=cli_args.TEXT,
+    default=ServerConfig.host,
+    help="Interface to listen on; 0.0.0.0 for the whole network.",
+)
 @click.option("--port", type=click.IntRange(1, 65535), default=ServerConfig.port, help="Port to listen on.")
 @click.option("--workers", type=click.IntRange(min=1), default=ServerConfig.workers, help="Server processes.")
 @click.option(

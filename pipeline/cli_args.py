@@ -14,6 +14,7 @@ import click
 from pipeline.config import (
     DATA_DIR_ENV,
     DEVICES,
+    MAX_EXPERIMENT_NAME_LENGTH,
     MODEL_NAMES,
     OPTIMIZERS,
     PRECISIONS,
@@ -39,6 +40,71 @@ class PositiveFloat(click.types.FloatParamType):
 
 
 POSITIVE_FLOAT = PositiveFloat()
+
+
+class FiniteFloatRange(click.FloatRange):
+    """A FloatRange that also refuses nan and inf: nan fails no comparison, so FloatRange takes it
+    (and inf where the range has no upper end)."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number
+
+
+class Text(click.ParamType):
+    """A string that is not empty, nor only blanks, and at most `max_length` characters.
+
+    Typed explicitly, an empty value is a mistake (`--resume $RUN` with RUN unset), not a request for
+    the default: without this, `train --resume ''` trained a new run from scratch and exited 0.
+    """
+
+    name = "text"
+
+    def __init__(self, max_length: int | None = None, limit_source: str = ""):
+        self.max_length = max_length
+        self.limit_source = limit_source
+
+    def convert(self, value, param, ctx):
+        text = value if isinstance(value, str) else str(value)
+        if not text.strip():
+            default = "" if param is None or param.required else ", or leave the option out for its default"
+            self.fail(f"it is empty (an unset variable?): give a value{default}.", param, ctx)
+        if self.max_length is not None and len(text) > self.max_length:
+            self.fail(
+                f"{len(text):,} characters; at most {self.max_length}{self.limit_source} may be given.", param, ctx
+            )
+        return text
+
+
+TEXT = Text()
+EXPERIMENT_NAME = Text(MAX_EXPERIMENT_NAME_LENGTH, " (MLflow's limit for an experiment name)")
+
+
+class ModelSource(Text):
+    """predict's --model: a .onnx file or folder, or a model URI MLflow resolves in the tracking store.
+
+    An http(s) URL is neither: MLflow would take it for an artifact store and fail with a message
+    about something else, so it is refused here with what to give instead.
+    """
+
+    name = "model"
+
+    def convert(self, value, param, ctx):
+        text = super().convert(value, param, ctx)
+        if text.lower().startswith(("http://", "https://")):
+            self.fail(
+                "an http(s) URL is not a model source: download the .onnx file and give its path, or give a "
+                "model logged in the tracking store (runs:/<run_id>/<name>, models:/<name>@<alias>, "
+                "models:/<model_id>; set MLFLOW_TRACKING_URI to reach a tracking server).",
+                param,
+                ctx,
+            )
+        return text
+
+
+MODEL_SOURCE = ModelSource()
 
 
 class Duration(click.ParamType):
@@ -76,6 +142,7 @@ DATA_DIR = click.option(
 
 EXPERIMENT = click.option(
     "--experiment",
+    type=EXPERIMENT_NAME,
     default=None,
     help="MLflow experiment.  [default: $MLFLOW_EXPERIMENT_NAME or fashion-mnist]",
 )
@@ -93,6 +160,7 @@ def run_id(what: str, required: bool = True):
     """--run-id, filled from MLFLOW_RUN_ID inside `mlflow run` (which sets it for the job's run)."""
     return click.option(
         "--run-id",
+        type=TEXT,
         envvar="MLFLOW_RUN_ID",
         show_envvar=True,
         required=required,
@@ -151,7 +219,7 @@ RECIPE_OPTIONS = (
         "adamw: decoupled weight decay; sgd: Nesterov momentum 0.9.",
         type=click.Choice(OPTIMIZERS),
     ),
-    _recipe_option("--weight-decay", "weight_decay", "Weight decay.", type=click.FloatRange(min=0)),
+    _recipe_option("--weight-decay", "weight_decay", "Weight decay.", type=FiniteFloatRange(min=0)),
     _recipe_option(
         "--schedule",
         "schedule",
@@ -162,7 +230,7 @@ RECIPE_OPTIONS = (
         "--label-smoothing",
         "label_smoothing",
         "Cross-entropy label smoothing.",
-        type=click.FloatRange(0, 1, max_open=True),
+        type=FiniteFloatRange(0, 1, max_open=True),
     ),
     _recipe_option(
         "--crop-pad",

@@ -48,6 +48,24 @@ PRUNERS: tuple[str, ...] = ("median", "halving", "none")  # `pipeline tune --pru
 # Seeds every tool accepts (numpy's legacy seeding stops at 2**32 - 1); Click checks the option.
 SEED_RANGE: tuple[int, int] = (0, 2**32 - 1)
 
+# `pipeline train --nproc`: at most 4 local processes per core. Each rank is a whole training process
+# with its own copy of the data as float tensors (~190 MB for Fashion-MNIST's training set) and its
+# own threads, so ranks beyond the cores only time-slice them and multiply the memory; 4x still leaves
+# room to try oversubscription (gloo on a few cores, ranks that wait on I/O), while a typo such as
+# --nproc 1000 is refused instead of starting a thousand processes.
+MAX_NPROC = 4 * (os.cpu_count() or 1)
+
+# The ONNX opsets `export-onnx --opset` accepts: what torch.onnx's exporter (torch.export + onnxscript's
+# torchlib) builds natively. From torch/onnx/_internal/exporter/_constants.py TORCHLIB_OPSET (18):
+# below it torch exports at 18 and then tries onnxscript's version converter, which fails for our
+# models (opset 13, 7: "No Adapter From Version 15 for Shape"); up to torch/onnx/_constants.py
+# ONNX_MAX_OPSET (23). tests/test_hostile.py checks both against the installed torch.
+ONNX_OPSETS: tuple[int, int] = (18, 23)
+
+# MLflow refuses longer experiment names (mlflow.utils.validation.MAX_EXPERIMENT_NAME_LENGTH, which
+# tests/test_hostile.py checks); the CLI refuses them first, before any store is opened.
+MAX_EXPERIMENT_NAME_LENGTH = 500
+
 DATA_DIR_ENV = "PIPELINE_DATA_DIR"
 DOWNLOAD_TIMEOUT_S = 30.0  # seconds to wait for a network source
 EXPERIMENT_ENV = "MLFLOW_EXPERIMENT_NAME"
@@ -154,6 +172,8 @@ class TrainConfig:
         for name in ("weight_decay", "crop_pad", "val_size"):
             if getattr(self, name) < 0:
                 raise PipelineError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not math.isfinite(self.weight_decay):  # nan passes `< 0`: test what we want
+            raise PipelineError(f"weight_decay must be a finite number, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise PipelineError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 < self.warmup_fraction < 1:

@@ -9,19 +9,22 @@ differ from copy to copy while the content does not.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
-import os
+import tempfile
+import threading
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from pipeline.config import CLASS_NAMES
 from pipeline.errors import PipelineError
-from pipeline.files import write_bytes
-from pipeline.idx import GZIP_ERRORS, gunzip_if_gzipped, parse_idx
+from pipeline.files import writable_folder, write_bytes
+from pipeline.idx import GZIP_ERRORS, GZIP_MAGIC, parse_idx, read_header
 
 SHA256: dict[str, str] = {
     "train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
@@ -37,6 +40,10 @@ SIZES: dict[str, int] = {
     "t10k-images-idx3-ubyte": 16 + 10_000 * 28 * 28,
     "t10k-labels-idx1-ubyte": 8 + 10_000,
 }
+# The most a source may hand us for one file, compressed or not: the largest real file is
+# train-images at 26 MB gzipped, 47 MB raw (SIZES). A source that sends more is not Fashion-MNIST,
+# and an endless answer stops here, on disk, never in memory.
+MAX_SOURCE_BYTES = 64 << 20
 SPLIT_FILES: dict[str, tuple[str, str]] = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -61,16 +68,29 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_of_stream(stream: IO[bytes]) -> str:
+    stream.seek(0)
+    return hashlib.file_digest(stream, "sha256").hexdigest()
+
+
 # --------------------------------------------------------------------------- sources
 
 
 class Source:
-    """Somewhere the files may be. `fetch` returns a file's raw bytes, or None if absent."""
+    """Somewhere the files may be. `fetch` opens a file's raw bytes (at most MAX_SOURCE_BYTES), or
+    returns None if the source has no such file."""
 
     label: str
 
-    def fetch(self, name: str) -> bytes | None:
+    def fetch(self, name: str) -> IO[bytes] | None:
         raise NotImplementedError
+
+
+def _too_large(name: str, label: str) -> PipelineError:
+    return PipelineError(
+        f"{name} from {label} is larger than {MAX_SOURCE_BYTES:,} bytes, more than any Fashion-MNIST file: "
+        "it is not Fashion-MNIST; nothing was written. Fix or remove that copy, or use another --source."
+    )
 
 
 class FolderSource(Source):
@@ -78,11 +98,71 @@ class FolderSource(Source):
         self.folder = Path(folder)
         self.label = str(self.folder)
 
-    def fetch(self, name: str) -> bytes | None:
+    def fetch(self, name: str) -> IO[bytes] | None:
         for candidate in (self.folder / f"{name}.gz", self.folder / name):
             if candidate.is_file():
-                return candidate.read_bytes()
+                if candidate.stat().st_size > MAX_SOURCE_BYTES:
+                    raise _too_large(name, self.label)
+                return open(candidate, "rb")
         return None
+
+
+class DeadlinePassed(Exception):
+    """A transfer that had not finished when its time was up."""
+
+
+# Bytes per read of an HTTP answer: one recv at most (read1), so every read returns within the
+# socket timeout and the transfer notices its deadline.
+CHUNK_BYTES = 1 << 16
+
+
+def fetch_url(url: str, timeout: float, limit: int) -> IO[bytes]:
+    """The body at `url` in an anonymous temporary file (gone once closed, or if the process dies),
+    within `timeout` seconds for the WHOLE transfer, connection and headers included.
+
+    A socket timeout bounds each read only: a server that sends a byte a second never trips it.
+    So the transfer runs in a daemon thread the caller waits for until the deadline, then gives
+    up on; the thread stops at its next read and writes nothing after that. A body larger than
+    `limit` bytes raises OverflowError as soon as it passes the limit.
+    """
+    outcome: dict[str, object] = {}
+    lock, cancelled = threading.Lock(), threading.Event()
+
+    def transfer() -> None:
+        spool = tempfile.TemporaryFile()
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                size = 0
+                while not cancelled.is_set():
+                    chunk = response.read1(CHUNK_BYTES)
+                    if not chunk:
+                        break
+                    size += len(chunk)
+                    if size > limit:
+                        raise OverflowError(f"more than {limit:,} bytes")
+                    spool.write(chunk)
+        except BaseException as exc:  # handed to the caller, whatever it is
+            spool.close()
+            with lock:
+                outcome["error"] = exc
+            return
+        with lock:
+            if cancelled.is_set():
+                spool.close()
+            else:
+                spool.seek(0)
+                outcome["file"] = spool
+
+    worker = threading.Thread(target=transfer, name=f"download {url}", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    with lock:
+        if "error" in outcome:
+            raise outcome["error"]  # type: ignore[misc]
+        if "file" in outcome:
+            return outcome["file"]  # type: ignore[return-value]
+        cancelled.set()
+    raise DeadlinePassed(f"no complete answer within --timeout {timeout:g} s")
 
 
 class UrlSource(Source):
@@ -92,20 +172,25 @@ class UrlSource(Source):
         self.timeout = timeout
         self.failure: str | None = None
 
-    def fetch(self, name: str) -> bytes | None:
+    def fetch(self, name: str) -> IO[bytes] | None:
         if self.failure:  # the host did not answer for an earlier file; don't wait again
             return None
         url = f"{self.base_url}{name}.gz"
         try:
-            with urllib.request.urlopen(url, timeout=self.timeout) as response:
-                return response.read()
+            return fetch_url(url, self.timeout, MAX_SOURCE_BYTES)
+        except OverflowError:
+            raise _too_large(name, url) from None
         except urllib.error.HTTPError as exc:
             if exc.code == 404:
                 return None
             self.failure = f"HTTP {exc.code} for {url}"
-        except (urllib.error.URLError, OSError) as exc:
+        except DeadlinePassed as exc:
+            self.failure = str(exc)
+        except (urllib.error.URLError, OSError, ValueError) as exc:  # ValueError: a malformed URL
             reason = getattr(exc, "reason", exc)
             self.failure = f"unreachable ({reason})"
+        except Exception as exc:  # http.client's protocol errors (a garbled answer), and the like
+            self.failure = f"unusable answer ({type(exc).__name__}: {exc})"
         return None
 
 
@@ -144,12 +229,27 @@ class DownloadReport:
         return all(src == "already present" for src in self.sources.values())
 
 
-def _verified_content(name: str, blob: bytes, source: Source) -> bytes:
+def _read_limited(stream: IO[bytes], limit: int) -> bytes:
+    """At most `limit` bytes of the stream's content, through gzip when it is gzip (by magic, not by name).
+
+    Decompression stops after `limit` bytes, so a gzip bomb costs no more memory than the largest
+    file we expect; a result of `limit` bytes means there was at least that much.
+    """
+    gzipped = stream.read(2) == GZIP_MAGIC
+    stream.seek(0)
+    if not gzipped:
+        return stream.read(limit)
+    with gzip.GzipFile(fileobj=stream) as unzipped:
+        return unzipped.read(limit)
+
+
+def _verified_content(name: str, stream: IO[bytes], source: Source) -> bytes:
     expected = SHA256[name]
     try:
-        content = gunzip_if_gzipped(blob, limit=SIZES[name] + 1)
+        content = _read_limited(stream, SIZES[name] + 1)
     except GZIP_ERRORS as exc:
-        content, actual = b"", f"unreadable gzip ({exc}); sha256 of the compressed bytes {sha256(blob)}"
+        compressed = sha256_of_stream(stream)
+        content, actual = b"", f"unreadable gzip ({exc}); sha256 of the compressed bytes {compressed}"
     else:
         actual = sha256(content)
         if len(content) > SIZES[name]:
@@ -180,17 +280,18 @@ def download(data_dir: Path, sources: list[Source]) -> DownloadReport:
         if is_verified(target / name, name):
             report.sources[name] = "already present"
     if len(report.sources) < len(SHA256):
-        _writable_folder(target)
+        writable_folder(target, "the data folder", "choose another --data-dir")
     for name in SHA256:
         if name in report.sources:
             continue
         passed_over = []
         for source in sources:
-            blob = source.fetch(name)
-            if blob is None:
+            stream = source.fetch(name)
+            if stream is None:
                 passed_over.append(source)
                 continue
-            content = _verified_content(name, blob, source)
+            with stream:
+                content = _verified_content(name, stream, source)
             write_bytes(target / name, content)
             report.sources[name] = source.label
             for skipped in passed_over:
@@ -204,19 +305,6 @@ def download(data_dir: Path, sources: list[Source]) -> DownloadReport:
 
 def _why_not(source: Source, name: str) -> str:
     return getattr(source, "failure", None) or f"no {name}(.gz) there"
-
-
-def _writable_folder(folder: Path) -> None:
-    """Create `folder`, or fail before any download on a data dir that can't hold the files."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        why = f"{exc.strerror or exc} ({exc.filename or folder})"
-    else:
-        if os.access(folder, os.W_OK):
-            return
-        why = "not writable"
-    raise PipelineError(f"cannot write the data folder {folder}: {why}; choose another --data-dir")
 
 
 # --------------------------------------------------------------------------- loading
@@ -234,18 +322,38 @@ class Split:
         return len(self.labels)
 
 
+def _present(data_dir: Path, name: str) -> Path:
+    path = raw_dir(data_dir) / name
+    if not path.is_file():
+        raise PipelineError(
+            f"Fashion-MNIST not found: {path} is missing. Run `pipeline download "
+            f"--data-dir {data_dir}` first (or set --data-dir to where the data is)."
+        )
+    return path
+
+
+def split_size(data_dir: Path, split: str) -> int:
+    """How many images a split has, from its labels file's header alone (load_split checks the rest)."""
+    path = _present(data_dir, SPLIT_FILES[split][1])
+    with open(path, "rb") as stream:
+        _, shape = read_header(stream, str(path))
+    return shape[0]
+
+
+def images_to_fit(train_size: int, val_size: int) -> int:
+    """The training images left once the last `val_size` are held out for validation."""
+    if val_size >= train_size:
+        raise PipelineError(f"val_size {val_size:,} leaves no training images (the training split has {train_size:,})")
+    return train_size - val_size
+
+
 def load_split(data_dir: Path, split: str) -> Split:
     """Decode a split from the raw IDX files once; callers slice batches from the arrays."""
     if split not in SPLIT_FILES:
         raise ValueError(f"unknown split {split!r}")
     digests, arrays = {}, []
     for name in SPLIT_FILES[split]:
-        path = raw_dir(data_dir) / name
-        if not path.is_file():
-            raise PipelineError(
-                f"Fashion-MNIST not found: {path} is missing. Run `pipeline download "
-                f"--data-dir {data_dir}` first (or set --data-dir to where the data is)."
-            )
+        path = _present(data_dir, name)
         content = path.read_bytes()
         digests[name] = sha256(content)
         arrays.append(parse_idx(content, str(path)))

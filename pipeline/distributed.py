@@ -117,6 +117,33 @@ def global_batch_size(batch_size: int, world: World, per_rank: bool) -> int:
     return total
 
 
+def check_batch_fits(global_batch: int, images: int, world: World, per_rank: bool) -> None:
+    """One optimizer step may not ask for more images than there are to train on."""
+    if global_batch <= images:
+        return
+    if per_rank and world.distributed:
+        raise PipelineError(
+            f"a global batch of {world.size} ranks x --batch-size {global_batch // world.size} is more than the "
+            f"{images:,} training images; use --batch-size {max(1, images // world.size)} or less"
+        )
+    raise PipelineError(
+        f"--batch-size {global_batch} is more than the {images:,} training images; use --batch-size {images} or less"
+    )
+
+
+def check_launch(config: TrainConfig, nproc: int) -> None:
+    """Refuse, before torchrun starts a single rank, what every rank's setup would refuse: a batch that
+    cannot be split over the ranks or is larger than the training set, missing data, a validation
+    split that leaves nothing. Each rank failing alone buries the reason under torchrun's report.
+    Torch-free, like the launcher: the data files' headers are all it reads."""
+    from pipeline.data import images_to_fit, split_size
+
+    world = World(0, nproc)
+    batch = global_batch_size(config.batch_size, world, config.per_rank_batch)
+    images = images_to_fit(split_size(config.data_dir, "train"), config.val_size)
+    check_batch_fits(batch, images, world, config.per_rank_batch)
+
+
 def shard(batch: torch.Tensor, world: World) -> torch.Tensor:
     """This rank's contiguous part of one global batch (sizes differ by at most one)."""
     if not world.distributed:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,8 +26,9 @@ import torch
 import torch.fx
 from torch import nn
 
+from pipeline.config import ONNX_OPSETS
 from pipeline.errors import PipelineError
-from pipeline.files import write_bytes
+from pipeline.files import temporary_folder, write_bytes
 from pipeline.onnx_contract import (
     INPUT_SCALING,
     ONNX_INPUT_NAME,
@@ -295,6 +295,9 @@ def export_onnx(
     path = Path(path)
     if not path.parent.is_dir():
         raise PipelineError(f"cannot write {path}: {path.parent} is not an existing directory")
+    low, high = ONNX_OPSETS
+    if opset is not None and not low <= opset <= high:
+        raise PipelineError(f"opset {opset}: torch's exporter builds opsets {low} to {high}")
     input_shape = tuple(model.input_shape)
     device = next(model.parameters()).device
     # Export from a batch of 2: from a batch of 1 torch.export would specialise N to 1.
@@ -321,7 +324,8 @@ def export_onnx(
     produced = next(op.version for op in proto.opset_import if op.domain in ("", "ai.onnx"))
     if opset is not None and produced != opset:
         raise PipelineError(
-            f"could not export at opset {opset} (the exporter produced opset {produced}); try --opset 18 or newer"
+            f"could not export at opset {opset} (the exporter produced opset {produced}); "
+            f"try another --opset from {low} to {high}, or leave it out"
         )
     metadata = contract_metadata(class_names, input_shape, model_name, source_run_id)
     metadata[FOLDED_KEY] = "true" if fold else "false"
@@ -384,7 +388,7 @@ def quantize_int8(
     fp32_path, output_path = Path(fp32_path), Path(output_path)
     quant_format = config.resolved_format()
     metadata = read_metadata(fp32_path)
-    with tempfile.TemporaryDirectory(prefix="quantize-") as tmp:
+    with temporary_folder("quantize") as tmp:
         # Shape inference and graph optimisation first, as onnxruntime's quantisation guide asks.
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(fp32_path), str(prepared))

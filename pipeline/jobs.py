@@ -242,10 +242,11 @@ def train_distributed(config: TrainConfig, nproc: int, experiment: str | None = 
     import os
     import subprocess
 
-    from pipeline.distributed import World, torchrun_command
+    from pipeline.distributed import World, check_launch, torchrun_command
 
     if World.from_env().distributed:
         raise PipelineError("--nproc is for starting torchrun; this process already is one of its ranks")
+    check_launch(config, nproc)
     command = torchrun_command(config, nproc, experiment)
     env = dict(os.environ)
     # torchrun would set 1 thread per rank (with a warning); share the cores between the ranks instead.
@@ -447,9 +448,10 @@ class PredictJob:
 
 def predict_batch(model: str, inputs: tuple[str, ...], output: Path | None, config: PredictConfig) -> PredictJob:
     """Batch prediction with onnxruntime over a .onnx file or a logged model URI. Never imports torch."""
+    from pipeline.files import temporary_folder
     from pipeline.predict import Predictor, is_model_uri, predict
 
-    with tempfile.TemporaryDirectory(prefix="pipeline-predict-") as tmp:
+    with temporary_folder("pipeline-predict") as tmp:
         model_path: str | Path = model
         if is_model_uri(model):
             from pipeline import tracking
@@ -517,7 +519,7 @@ def export_run(
     an export the run already has, with the same settings and a passed check, stands.
     `in_process`: the run's model as this process trained it, used instead of loading it from the store.
     """
-    from pipeline import export, tracking
+    from pipeline import export, files, tracking
     from pipeline.data import load_split
     from pipeline.parity import check_parity, check_quantized
 
@@ -539,7 +541,7 @@ def export_run(
     target = export.resolve_output(output, model_name) if output else None
     calibration = export.calibration_sample(load_split(data_dir, "train").images) if quantize == "int8" else None
     example = export.example_input(test.images)
-    with tempfile.TemporaryDirectory(prefix="export-onnx-") as tmp:
+    with files.temporary_folder("export-onnx") as tmp:
         fp32_path = export.export_onnx(
             model,
             target or Path(tmp) / export.default_output_name(model_name),

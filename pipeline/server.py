@@ -12,6 +12,7 @@ No mlflow import: the server is MLflow's own, started as a process.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pwd
@@ -26,8 +27,10 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from pipeline import processes
 from pipeline.config import artifact_root, project_root, project_store
 from pipeline.errors import PipelineError
+from pipeline.files import writable_folder, write_text
 
 DATABASES = ("sqlite", "postgresql")
 PG_USER = "mlflow"  # the cluster's superuser, and the only role in it
@@ -56,7 +59,8 @@ class ServerConfig:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 address, as URLs write it
+        return f"http://{host}:{self.port}"
 
 
 @dataclass
@@ -68,6 +72,15 @@ class ServerInfo:
     artifacts_destination: str
     log: str
     already_running: bool = False
+    # Which process `pid` was when it started (processes.ProcessIdentity): stop and start signal
+    # that pid only while it still is that process, never whatever has its number now.
+    start_time: int | None = None
+    command: list[str] | None = None
+
+    def identity(self) -> processes.ProcessIdentity | None:
+        if self.start_time is None or not self.command:
+            return None
+        return processes.ProcessIdentity(self.pid, self.start_time, tuple(self.command))
 
 
 # ----------------------------------------------------------------- PostgreSQL
@@ -173,6 +186,50 @@ def _state_file(folder: Path) -> Path:
     return folder / "server.json"
 
 
+def _read_state(folder: Path) -> ServerInfo | None:
+    """What `server start` recorded in the folder, or None if nothing; a state file that isn't one is an error."""
+    state = _state_file(folder)
+    try:
+        text = state.read_text()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise PipelineError(f"cannot read {state}: {exc.strerror or exc}") from None
+    try:
+        fields = json.loads(text)
+        info = ServerInfo(**fields)
+        if not isinstance(info.pid, int) or isinstance(info.pid, bool) or info.pid <= 1:
+            raise ValueError(f"pid {info.pid!r}")
+        if info.start_time is not None and not isinstance(info.start_time, int):
+            raise ValueError(f"start_time {info.start_time!r}")
+        if info.command is not None and not (
+            isinstance(info.command, list) and all(isinstance(part, str) for part in info.command)
+        ):
+            raise ValueError("command is not a list of strings")
+    except (ValueError, TypeError) as exc:  # JSONDecodeError is a ValueError; TypeError: unknown or missing keys
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise PipelineError(
+            f"{state} is not a state file `pipeline server start` wrote ({why}); if no server of this folder "
+            "runs, remove it"
+        ) from None
+    return info
+
+
+def _is_mlflow_server(command: tuple[str, ...]) -> bool:
+    return "mlflow" in command and "server" in command
+
+
+def _ownership(info: ServerInfo) -> str:
+    """'ours': the recorded server still runs; 'gone': nothing runs under its pid; 'other': the pid is
+    now another process, or the file records no identity to tell (an older version's)."""
+    recorded = info.identity()
+    if not processes.alive(info.pid):
+        return "gone"
+    if recorded is None or not _is_mlflow_server(recorded.command):
+        return "other"
+    return "ours" if processes.same_process(recorded) else "other"
+
+
 def healthy(url: str, timeout: float = 2.0) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/health", timeout=timeout) as response:
@@ -181,31 +238,33 @@ def healthy(url: str, timeout: float = 2.0) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    """Whether the process exists and is not a zombie waiting for a parent that may never reap it."""
+def _listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (in use, no such address here), or None.
+
+    The host is resolved as the server will resolve it, so ::1 is probed over IPv6 and a name over
+    each address family it has; a name that does not resolve is an error of its own.
+    """
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((host, port))
-        except OSError:
-            return False
-    return True
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        reason = exc.strerror if isinstance(exc, socket.gaierror) else str(exc)
+        raise PipelineError(f"--host {host}: cannot resolve it ({reason}); give an address or a known name") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return f"port {port} on {host} is in use; pick another (--port; SERVER_PORT= for make server)"
+                return f"cannot listen on {host} port {port}: {exc.strerror or exc}; give another --host"
+    return None
 
 
 def running_server(folder: Path | None = None) -> ServerInfo | None:
-    """The server this folder's state file describes, if its process is still alive."""
-    state = _state_file(folder or default_folder())
-    if not state.is_file():
-        return None
-    info = ServerInfo(**json.loads(state.read_text()))
-    return info if _alive(info.pid) else None
+    """The server this folder's state file describes, if that very process is still running."""
+    info = _read_state(folder or default_folder())
+    return info if info is not None and _ownership(info) == "ours" else None
 
 
 def backend(config: ServerConfig) -> tuple[str, Path]:
@@ -257,8 +316,11 @@ def _failure_line(log: Path, offset: int) -> str:
 
 
 def start_server(config: ServerConfig) -> ServerInfo:
-    """Start `mlflow server` in the background (database first) and wait until it answers /health."""
-    config.folder.mkdir(parents=True, exist_ok=True)
+    """Start `mlflow server` in the background (database first) and wait until it answers /health.
+
+    Everything that can be refused is refused before anything is written: the state file, the
+    host (resolved) and port, the folder.
+    """
     current = running_server(config.folder)
     if current is not None:
         if current.url != config.url or current.db != config.db:
@@ -269,11 +331,11 @@ def start_server(config: ServerConfig) -> ServerInfo:
         if healthy(current.url):
             current.already_running = True
             return current
-        _terminate(current.pid)  # ours but not answering (stopping, or stuck): replace it
-    if not _port_free(config.host, config.port):
-        raise PipelineError(
-            f"port {config.port} on {config.host} is in use; pick another (--port; SERVER_PORT= for make server)"
-        )
+        _terminate(current.identity())  # ours but not answering (stopping, or stuck): replace it
+    problem = _listen_problem(config.host, config.port)
+    if problem:
+        raise PipelineError(problem)
+    writable_folder(config.folder, "the server folder", "choose another --folder")
     backend_uri, artifacts = backend(config)
     artifacts.mkdir(parents=True, exist_ok=True)
     command = [
@@ -292,48 +354,76 @@ def start_server(config: ServerConfig) -> ServerInfo:
         # A session of its own: stop_server ends the server and its workers as one process group,
         # and a Ctrl-C in the terminal that started it does not.
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    # Read now, while the process is certainly ours (unreaped, its pid cannot be anyone else's).
+    started = processes.identity(process.pid) or processes.ProcessIdentity(process.pid, -1, tuple(command))
     info = ServerInfo(config.url, process.pid, config.db, backend_uri, str(artifacts), str(log))
-    _state_file(config.folder).write_text(json.dumps(asdict(info), indent=2))
+    info.start_time, info.command = started.start_time, list(started.command)
+    write_text(_state_file(config.folder), json.dumps(asdict(info), indent=2))
     deadline = time.monotonic() + config.startup_timeout_s
     while not healthy(config.url):
         if process.poll() is not None or time.monotonic() > deadline:
-            _terminate(process.pid)
+            _terminate(started)
             _state_file(config.folder).unlink(missing_ok=True)
             raise PipelineError(f"mlflow server did not start (log: {log}): {_failure_line(log, offset)}")
         time.sleep(0.5)
     return info
 
 
-def _terminate(pid: int, grace_s: float = 15.0) -> None:
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
+def _terminate(server: processes.ProcessIdentity | None, grace_s: float = 15.0) -> None:
+    """SIGTERM the server's process group, SIGKILL it after `grace_s`: only while its leader's pid is
+    still that process (or no process at all: a pid still in use as a group id is not handed out)."""
+    if server is None:
+        return
+
+    def signal_group(signum: int) -> bool:
+        if processes.same_process(server) is False:  # the pid is someone else's now
+            return False
+        try:
+            os.killpg(server.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    if not signal_group(signal.SIGTERM):
         return
     deadline = time.monotonic() + grace_s
     while time.monotonic() < deadline:
         try:
             # Reap it if it is our child (the tests'), else poll until it is gone.
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            if os.waitpid(server.pid, os.WNOHANG)[0] == server.pid:
                 return
         except ChildProcessError:
-            if not _alive(pid):
+            if not processes.alive(server.pid):
                 return
         time.sleep(0.2)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    signal_group(signal.SIGKILL)
 
 
 def stop_server(folder: Path | None = None, database: bool = True) -> list[str]:
-    """Stop the folder's mlflow server and (with `database`) its PostgreSQL; returns what was stopped."""
+    """Stop the folder's mlflow server and (with `database`) its PostgreSQL; returns what was stopped.
+
+    The pid in the state file is signalled only while it is still the server that was started; if
+    it is another process now, nothing is signalled and nothing removed (a PipelineError says so).
+    """
     folder = (folder or default_folder()).resolve()
     stopped = []
-    info = running_server(folder)
+    info = _read_state(folder)
     if info is not None:
-        _terminate(info.pid)
-        stopped.append(f"mlflow server at {info.url} (pid {info.pid})")
-    _state_file(folder).unlink(missing_ok=True)
+        ownership = _ownership(info)
+        if ownership == "other":
+            state, named = _state_file(folder), processes.describe(info.pid)
+            if info.identity() is None:
+                why = f"but no start time and command line to tell whether that is the server started from {folder}"
+            else:
+                why = f"which is not the mlflow server started from {folder}: that pid is another process now"
+            raise PipelineError(f"{state} names {named}, {why}; not signalled. If that server is gone, remove {state}")
+        if ownership == "ours":
+            _terminate(info.identity())
+            stopped.append(f"mlflow server at {info.url} (pid {info.pid})")
+        try:
+            _state_file(folder).unlink(missing_ok=True)
+        except OSError as exc:
+            raise PipelineError(f"cannot remove {_state_file(folder)}: {exc.strerror or exc}") from None
     if database and (folder / "postgresql" / "data").is_dir() and Postgres(folder).stop():
         stopped.append(f"PostgreSQL in {folder / 'postgresql'}")
     return stopped

@@ -30,7 +30,7 @@ from pipeline import distributed, hardware, signals
 from pipeline.augment import augment_batch
 from pipeline.callbacks import TrainCallback, TrainResult
 from pipeline.config import CLASS_NAMES, TrainConfig
-from pipeline.data import check_known, load_split
+from pipeline.data import check_known, images_to_fit, load_split
 from pipeline.errors import PipelineError
 from pipeline.evaluate import compute_logits, images_to_tensor, loss_and_accuracy
 from pipeline.models import build_model, count_parameters, model_class
@@ -138,10 +138,9 @@ def setup(config: TrainConfig, world: distributed.World | None = None) -> Traine
     model_class(config.model)  # fail on a bad name before loading data
     global_batch = distributed.global_batch_size(config.batch_size, world, config.per_rank_batch)
     train_split = load_split(config.data_dir, "train")
-    if config.val_size >= len(train_split):
-        raise PipelineError(
-            f"val_size {config.val_size:,} leaves no training images (the training split has {len(train_split):,})"
-        )
+    # Before any run exists (train_model opens it after setup): a batch larger than the data fails here.
+    fit = images_to_fit(len(train_split), config.val_size)
+    distributed.check_batch_fits(global_batch, fit, world, config.per_rank_batch)
     # Only the test set's own final figure may see it: inside a tuning trial it is not loaded.
     test_split = load_split(config.data_dir, "test") if config.test_eval != "never" else None
     if not config.allow_other_data:
@@ -168,7 +167,6 @@ def setup(config: TrainConfig, world: distributed.World | None = None) -> Traine
 
     # Decoded once; every batch is an index into these tensors. The validation images are the
     # LAST val_size of the training file, so a split is the same whatever the seed.
-    fit = len(train_split) - config.val_size
     train_x = images_to_tensor(train_split.images[:fit], device)
     train_y = torch.from_numpy(train_split.labels[:fit]).to(device)
     val_x = images_to_tensor(train_split.images[fit:], device) if config.val_size else None

@@ -32,9 +32,22 @@ class PredictConfig:
     invert: bool = False
 
 
+# Images the batch buffer holds at first; it grows (doubling, up to --batch-size) only while a batch
+# has more images, so memory follows the inputs there are, not a --batch-size of 1e9.
+FIRST_BUFFER_IMAGES = 1024
+
+
 def iter_batches(items: Iterable[Images | Failure], batch_size: int, image_size: tuple[int, int]) -> Iterator[Batch]:
-    buffer = np.empty((batch_size, 1, *image_size), dtype=np.float32)
+    buffer = np.empty((min(batch_size, FIRST_BUFFER_IMAGES), 1, *image_size), dtype=np.float32)
     batch, filled = Batch(buffer[:0]), 0
+
+    def make_room(n: int) -> None:
+        nonlocal buffer
+        if filled + n <= len(buffer):
+            return
+        grown = np.empty((min(batch_size, max(filled + n, 2 * len(buffer))), 1, *image_size), dtype=np.float32)
+        grown[:filled] = buffer[:filled]
+        buffer = grown
 
     def flush() -> Batch:
         nonlocal batch, filled
@@ -55,6 +68,7 @@ def iter_batches(items: Iterable[Images | Failure], batch_size: int, image_size:
         while taken < len(item.images):
             part = item.images[taken : taken + batch_size - len(batch.sources)]
             n = len(part)
+            make_room(n)
             to_unit_range(part, buffer[filled : filled + n, 0])
             batch.sources.extend([item.source] * n)
             if item.first_index is None:
