@@ -755,3 +755,23 @@ def test_the_empty_and_length_checks_are_one_click_type():
             cli_args.TEXT.convert(blank, None, None)
     with pytest.raises(click.BadParameter, match="at most 500"):
         cli_args.EXPERIMENT_NAME.convert("x" * 501, None, None)
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_images_of_another_size_are_refused_before_a_run_exists(tracking_store, tmp_path, command):
+    """Valid IDX files of 32x32 images: the models take 28x28, and the layer that noticed was a reshape."""
+    from pipeline.data import SPLIT_FILES, raw_dir
+    from pipeline.idx import write_idx
+
+    folder = raw_dir(tmp_path / "big")
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 200), ("test", 50)):
+        images_name, labels_name = SPLIT_FILES[split]
+        write_idx(folder / images_name, rng.integers(0, 255, size=(n, 32, 32), dtype=np.uint8))
+        write_idx(folder / labels_name, (np.arange(n) % 10).astype(np.uint8))
+    args = T(tmp_path / "big")
+    args[0] = command
+    line = refused(invoke(args), exit_code=1)
+    assert "images are 32x32" in line and "takes 28x28" in line
+    assert no_runs()

@@ -20,7 +20,7 @@ One module per concern:
 from pipeline.tracking.artifacts import download_artifact, load_run_model, load_training_state, read_csv_artifact
 from pipeline.tracking.datasets import DataSplit, log_datasets
 from pipeline.tracking.heartbeat import Heartbeat
-from pipeline.tracking.liveness import RunRow, describe_liveness, list_runs, pid_alive, resumable_run, staleness
+from pipeline.tracking.liveness import RunRow, describe_liveness, list_runs, resumable_run, staleness
 from pipeline.tracking.log import (
     log_check,
     log_comparison,
@@ -157,7 +157,6 @@ __all__ = [
     "metric_history",
     "model_id_of",
     "model_run",
-    "pid_alive",
     "read_csv_artifact",
     "resumable_run",
     "reuse_stage",

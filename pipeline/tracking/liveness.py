@@ -3,33 +3,19 @@ and which runs can be resumed."""
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlflow
 
+from pipeline import processes
 from pipeline.config import STALE_AFTER_S
 from pipeline.errors import PipelineError
 from pipeline.tracking.names import CHECKPOINT_STEP_TAG, HEARTBEAT_TAG, HOSTNAME_TAG, PID_TAG
 from pipeline.tracking.records import RunRecord, record_of
 from pipeline.tracking.runs import get_run
 from pipeline.tracking.store import connect, tracking_uri
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: it exists
-        return True
-    try:  # a zombie has exited; only its parent has not collected it yet
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def _heartbeat(found: RunRecord) -> float:
@@ -45,7 +31,7 @@ def staleness(found: RunRecord, stale_after: float = STALE_AFTER_S, now: float |
     if found.status != "RUNNING":
         return None
     pid = found.tag(PID_TAG) or ""
-    if found.tag(HOSTNAME_TAG) == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+    if found.tag(HOSTNAME_TAG) == socket.gethostname() and pid.isdigit() and not processes.alive(int(pid)):
         return f"its process {pid} on this host is gone"
     age = (now or time.time()) - _heartbeat(found)
     if age > stale_after:
