@@ -146,3 +146,20 @@ def test_a_postgresql_uri_without_its_driver_says_which_url_works(monkeypatch, t
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql://nobody@127.0.0.1:1/none")
     with pytest.raises(PipelineError, match=r"postgresql\+psycopg2://"):
         tracking.connect()
+
+
+def test_a_server_refusing_the_experiment_is_one_line_naming_it(tracking_store, synthetic_data_dir, monkeypatch):
+    """What a team server with logins answers a user in another's experiment (seen against `make server AUTH=1`:
+    HTTP 403, PERMISSION_DENIED), stood in for here; the message is the one that server run printed."""
+    from mlflow.exceptions import MlflowException
+
+    def refuse(*args, **kwargs):
+        raise MlflowException("Permission denied", error_code="PERMISSION_DENIED")
+
+    monkeypatch.setattr(mlflow, "start_run", refuse)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+    args = ["train", "--model", "dnn", "--max-steps", "2", "--no-system-metrics", "--experiment", "teamexp"]
+    result = CliRunner().invoke(cli, [*args, "--allow-other-data", "--data-dir", str(synthetic_data_dir)])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "does not let bob log runs into experiment 'teamexp'" in result.output
+    assert "EDIT permission" in result.output
