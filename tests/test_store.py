@@ -152,9 +152,10 @@ def test_a_server_refusing_the_experiment_is_one_line_naming_it(tracking_store, 
     """What a team server with logins answers a user in another's experiment (seen against `make server AUTH=1`:
     HTTP 403, PERMISSION_DENIED), stood in for here; the message is the one that server run printed."""
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 
     def refuse(*args, **kwargs):
-        raise MlflowException("Permission denied", error_code="PERMISSION_DENIED")
+        raise MlflowException("Permission denied", error_code=PERMISSION_DENIED)
 
     monkeypatch.setattr(mlflow, "start_run", refuse)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
