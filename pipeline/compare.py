@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.files import atomic_write
 
 if TYPE_CHECKING:
-    from pipeline.tracking import RunRecord
+    from pipeline.tracking.records import RunRecord
 
 KEY_PARAMS = ("epochs", "max_steps", "batch_size", "lr", "seed")
 OVERALL_METRICS = ("test_accuracy", "test_loss", "test_macro_f1")
