@@ -57,17 +57,9 @@ def log_metrics(
     )
 
 
-def log_dict(value: Any, artifact_file: str) -> None:
-    mlflow.log_dict(value, artifact_file)
-
-
 def log_files(files: Iterable[Path], folder: str | None = None) -> None:
     for path in files:
         mlflow.log_artifact(str(path), folder)
-
-
-def set_tags(tags: dict[str, str]) -> None:
-    mlflow.set_tags(tags)
 
 
 def log_table(table: Any, artifact_file: str) -> None:
