@@ -409,26 +409,75 @@ def compare_command(experiment: str | None, run_ids: tuple[str, ...], output_dir
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per onnxruntime call.")
 @click.option("--top-k", type=click.IntRange(min=1), default=3, help="Most likely classes listed per image.")
 @click.option(
-    "--invert", is_flag=True, help="Images show dark objects on a light background (product photos): invert them."
+    "--preprocess",
+    type=click.Choice(["auto", "fashion-mnist", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: a 28x28 grey image on a dark background is taken as it is, anything else (photos: light "
+    "background, large, off-centre, tinted) goes through Fashion-MNIST's own conversion, its background's "
+    "polarity read from its border. fashion-mnist: convert every image. none: only grey and resized. "
+    "Arrays and IDX files are always taken as they are.",
+)
+@click.option(
+    "--invert",
+    is_flag=True,
+    help="Old name, kept for scripts: the conversion with the background taken as light. Not needed: "
+    "--preprocess auto detects the background.",
+)
+@click.option(
+    "--contact-sheet",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE.png",
+    help="Also draw a PNG: for the first image files, the original, the 28x28 image the model saw, and the top 3.",
+)
+@click.option(
+    "--contact-sheet-size",
+    type=click.IntRange(min=1, max=400),
+    default=24,
+    show_default=True,
+    help="How many images the contact sheet shows.",
 )
 @click.option("--strict", is_flag=True, help="Exit non-zero if any input failed, not only if all did.")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 def predict_command(
-    model: str, output: Path | None, batch_size: int, top_k: int, invert: bool, strict: bool, inputs: tuple[str, ...]
+    model: str,
+    output: Path | None,
+    batch_size: int,
+    top_k: int,
+    preprocess: str,
+    invert: bool,
+    contact_sheet: Path | None,
+    contact_sheet_size: int,
+    strict: bool,
+    inputs: tuple[str, ...],
 ) -> None:
     """Classify images with an ONNX model in onnxruntime (no torch), one table row per image.
 
-    INPUT: image files (any size, mode or alpha), folders (searched recursively), .npy/.npz
-    arrays (N, 28, 28) or (N, 1, 28, 28) as uint8 0-255 or float 0-1, IDX files (raw or .gz),
-    or - to read paths from stdin. Unreadable inputs get a row with an error and the run goes on.
+    INPUT: image files (any size, mode or alpha: photos too), folders (searched recursively),
+    .npy/.npz arrays (N, 28, 28) or (N, 1, 28, 28) as uint8 0-255 or float 0-1, IDX files (raw or
+    .gz), or - to read paths from stdin. Unreadable inputs get a row with an error and the run goes
+    on. The preprocessing column says what was done to each image.
     """
     from pipeline.predict import PredictConfig
 
-    job = jobs.predict_batch(model, inputs, output, PredictConfig(batch_size=batch_size, top_k=top_k, invert=invert))
+    if invert and preprocess == "none":
+        raise click.UsageError("--invert converts the image; it cannot go with --preprocess none")
+    config = PredictConfig(
+        batch_size=batch_size,
+        top_k=top_k,
+        preprocess=preprocess,
+        invert=invert,
+        contact_sheet=contact_sheet,
+        contact_sheet_size=contact_sheet_size,
+    )
+    job = jobs.predict_batch(model, inputs, output, config)
     if job.warning:
         echo_err(f"Warning: {job.warning}")
     summary = job.summary
     echo_err(summary.line() + (f"; table in {output}" if output else ""))
+    if summary.contact_sheet:
+        echo_err(f"Contact sheet in {summary.contact_sheet}")
     if summary.predicted == 0:
         raise PipelineError("nothing was predicted; the error column says why each input failed")
     if strict and summary.failed:
