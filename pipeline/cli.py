@@ -529,7 +529,7 @@ def _echo_export(job: jobs.ExportJob) -> None:
         for exported in job.models:
             _echo_exported(job, exported)
         return
-    fp32, *int8 = job.models
+    fp32, *int8 = [m for m in job.models if m.variant != "images"]
     _echo_exported(job, fp32)
     if job.folded_layers:
         click.echo(f"Folded for inference: {job.folded_layers}")
@@ -541,9 +541,15 @@ def _echo_export(job: jobs.ExportJob) -> None:
             click.echo(line)
         if job.int8_note:
             echo_err(f"Note: {job.int8_note}.")
+    for exported in job.models:
+        if exported.variant == "images":
+            _echo_exported(job, exported)
 
 
 def _echo_exported(job: jobs.ExportJob, exported: jobs.ExportedModel) -> None:
+    if exported.variant == "images":
+        click.echo(f"Image model (photos in, classes out; serve it): {exported.model_uri} in run {job.run_id}")
+        return
     click.echo(f"ONNX model ({job.model_name}, {exported.variant}): {exported.model_uri} in run {job.run_id}")
     if exported.path:
         click.echo(f"Written to: {exported.path}")
@@ -625,16 +631,17 @@ def runs_command(experiment: str | None, stale: bool, stale_after: float, mark_f
     "--name",
     type=cli_args.TEXT,
     default=None,
-    help="Registered model name; the PyTorch model goes to NAME-pytorch. Give runs of different models "
+    help="Registered model name; the PyTorch model goes to NAME-pytorch, the image model (serves photos) to "
+    "NAME-images. Give runs of different models "
     "the same name to make them compete for champion.  [default: fashion-<model>, e.g. fashion-cnn]",
 )
 def register_command(run_id: str, name: str | None) -> None:
-    """Register a run's ONNX model (and its PyTorch model) in the Model Registry, aliased `candidate`."""
+    """Register a run's ONNX model (and its PyTorch and image models) in the Model Registry, aliased `candidate`."""
     _echo_registration(jobs.register_run(run_id, name))
 
 
 def _echo_registration(job) -> None:
-    for registered in filter(None, (job.onnx, job.pytorch)):
+    for registered in filter(None, (job.onnx, job.pytorch, job.image_model)):
         how = "Registered as" if registered.created else "Already registered as"
         click.echo(f"{how} {registered.name} v{registered.version} (alias candidate)")
     click.echo(f"test accuracy {job.test_accuracy:.2%} on {job.test_images:,} test images; ONNX parity passed")
@@ -657,6 +664,8 @@ def promote_command(name: str, version: str | None, force: bool) -> None:
     click.echo(job.decision.message + ".")
     if job.champion:
         click.echo(f"Champion: models:/{name}@champion = {name} v{job.champion}")
+    for twin in job.twins:
+        click.echo(f"  with {twin} (same run)")
 
 
 @cli.command("ui-url")
