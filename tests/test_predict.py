@@ -598,11 +598,12 @@ def test_photos_need_no_flag_to_be_predicted_as_well_as_the_dataset(real_data_di
 
 
 def test_dataset_like_inputs_give_exactly_the_logits_they_gave_before(predictor, test_split, tmp_path):
-    """28x28 grey PNGs on black, arrays and IDX files are taken as they are: the very same float32
-    probabilities as the raw arrays through the Predictor, not merely the same classes."""
+    """28x28 grey images on black (grey or RGB PNGs, GIFs), arrays and IDX files are taken as they are:
+    the very same float32 probabilities as the raw arrays through the Predictor, not merely the same classes."""
     images = test_split.images[:30]
-    for i, image in enumerate(images):
-        Image.fromarray(image).save(tmp_path / f"{i:02d}.png")
+    for i, image in enumerate(images):  # grey PNGs, and the same pixels as RGB PNGs and palette GIFs
+        grey = Image.fromarray(image)
+        (grey if i % 3 == 0 else grey.convert("RGB")).save(tmp_path / f"{i:02d}.{'gif' if i % 3 == 2 else 'png'}")
     np.save(tmp_path / "x.npy", images)
     write_idx(tmp_path / "x.idx", images)
     expected = softmax(predictor.predict_arrays(images))

@@ -6,10 +6,9 @@ the short edge to 28 with the image centred, negate, 8-bit grey. Two additions f
 here: a tinted background is whitened first (each channel scaled so the background becomes white),
 and the polarity is read from the border (a dark background is not negated), so no flag is needed.
 
-`prepare` decides per image (`auto`): a 28x28 single-channel image on a dark background is already
-in the dataset's format and is taken as it is; anything else is converted. Used by `pipeline
-predict` (inputs.load_image) and by the served image model (pipeline.predict.served). Pillow and
-numpy only.
+`prepare` decides per image (`auto`): a 28x28 grey image on a dark background is already in the
+dataset's format and is taken as it is; anything else is converted. Used by `pipeline predict`
+(inputs.read_source) and by the served image model (pipeline.predict.served). Pillow and numpy only.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ WORK_EDGE = 6 * 28  # trimming needs no more detail than 6 pixels per output pix
 SHARPEN = ImageFilter.UnsharpMask(radius=1.0, percent=50, threshold=0)  # a Gaussian of radius/sigma 1.0
 AS_IS = "as-is"
 DEEP_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-SINGLE_CHANNEL_MODES = ("1", "L", *DEEP_MODES)
 
 
 @dataclass
@@ -223,11 +221,16 @@ def plain(image: Image.Image, size: tuple[int, int]) -> Prepared:
     return Prepared(to_grey(grey.resize((w, h), Image.Resampling.LANCZOS)), ["resized"])
 
 
-def dataset_like(image: Image.Image, original_mode: str, size: tuple[int, int]) -> bool:
-    """Already in Fashion-MNIST's format: the model's size, one channel, a dark background."""
+def dataset_like(image: Image.Image, size: tuple[int, int]) -> bool:
+    """Already in Fashion-MNIST's format: the model's size, grey (one channel, or three equal ones, as a
+    dataset image saved as RGB or as a palette GIF), a dark background."""
     h, w = size
-    if image.size != (w, h) or original_mode not in SINGLE_CHANNEL_MODES or image.mode != "L":
+    if image.size != (w, h):
         return False
+    if image.mode == "RGB":
+        channels = np.asarray(image)
+        if not ((channels[..., 0] == channels[..., 1]) & (channels[..., 1] == channels[..., 2])).all():
+            return False
     return not light_background(image)
 
 
@@ -239,13 +242,12 @@ def prepare(image: Image.Image, size: tuple[int, int] = (28, 28), preprocess: st
     """
     if preprocess not in PREPROCESS_MODES:
         raise ValueError(f"preprocess {preprocess!r}; expected one of {', '.join(PREPROCESS_MODES)}")
-    original_mode = image.mode
     decoded, steps = decode(image)
     if invert:
         done = fashion_mnist(decoded, size, polarity="light")
     elif preprocess == "none":
         done = plain(decoded, size)
-    elif preprocess == "auto" and dataset_like(decoded, original_mode, size):
+    elif preprocess == "auto" and dataset_like(decoded, size):
         done = Prepared(to_grey(decoded), [])
     else:
         done = fashion_mnist(decoded, size)
