@@ -478,6 +478,8 @@ def predict_command(
     echo_err(summary.line() + (f"; table in {output}" if output else ""))
     if summary.contact_sheet:
         echo_err(f"Contact sheet in {summary.contact_sheet}")
+    elif contact_sheet:
+        echo_err(f"No contact sheet: no image file was predicted ({contact_sheet} shows image files, not arrays)")
     if summary.predicted == 0:
         raise PipelineError("nothing was predicted; the error column says why each input failed")
     if strict and summary.failed:

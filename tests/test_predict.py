@@ -700,3 +700,7 @@ def test_contact_sheet_shows_the_first_images(predictor, test_split, tmp_path):
         assert five.height > 1.5 * three.height
     result = run_predict("--model", predictor.path, "--contact-sheet", tmp_path / "sheet.jpg", *paths)
     assert result.exit_code == 1 and "name it .png" in result.output and "Traceback" not in result.output
+    np.save(tmp_path / "x.npy", test_split.images[:3])
+    result = run_predict("--model", predictor.path, "--contact-sheet", tmp_path / "none.png", tmp_path / "x.npy")
+    assert result.exit_code == 0 and "No contact sheet: no image file" in result.output
+    assert not (tmp_path / "none.png").exists()
