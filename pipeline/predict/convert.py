@@ -157,7 +157,10 @@ def trim_box(image: Image.Image, background: np.ndarray) -> tuple[int, int, int,
 
 
 def resize_longest(image: Image.Image, edge: int) -> Image.Image:
-    """The longest edge to `edge` pixels, the proportions kept (the short edge at least 1)."""
+    """The longest edge to `edge` pixels, the proportions kept (the short edge at least 1).
+
+    Lanczos (antialiased) where the paper subsampled: a photo's fine texture would alias otherwise.
+    """
     width, height = image.size
     scale = edge / max(width, height)
     target = (max(1, round(width * scale)), max(1, round(height * scale)))
