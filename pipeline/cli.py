@@ -409,26 +409,77 @@ def compare_command(experiment: str | None, run_ids: tuple[str, ...], output_dir
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, help="Images per onnxruntime call.")
 @click.option("--top-k", type=click.IntRange(min=1), default=3, help="Most likely classes listed per image.")
 @click.option(
-    "--invert", is_flag=True, help="Images show dark objects on a light background (product photos): invert them."
+    "--preprocess",
+    type=click.Choice(["auto", "fashion-mnist", "none"]),
+    default="auto",
+    show_default=True,
+    help="auto: a 28x28 grey image on a dark background is taken as it is, anything else (photos: light "
+    "background, large, off-centre, tinted) goes through Fashion-MNIST's own conversion, its background's "
+    "polarity read from its border. fashion-mnist: convert every image. none: only grey and resized. "
+    "Arrays and IDX files are always taken as they are.",
+)
+@click.option(
+    "--invert",
+    is_flag=True,
+    help="Old name, kept for scripts: the conversion with the background taken as light. Not needed: "
+    "--preprocess auto detects the background.",
+)
+@click.option(
+    "--contact-sheet",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    metavar="FILE.png",
+    help="Also draw a PNG: for the first image files, the original, the 28x28 image the model saw, and the top 3.",
+)
+@click.option(
+    "--contact-sheet-size",
+    type=click.IntRange(min=1, max=400),
+    default=24,
+    show_default=True,
+    help="How many images the contact sheet shows.",
 )
 @click.option("--strict", is_flag=True, help="Exit non-zero if any input failed, not only if all did.")
 @click.argument("inputs", nargs=-1, required=True, metavar="INPUT...")
 def predict_command(
-    model: str, output: Path | None, batch_size: int, top_k: int, invert: bool, strict: bool, inputs: tuple[str, ...]
+    model: str,
+    output: Path | None,
+    batch_size: int,
+    top_k: int,
+    preprocess: str,
+    invert: bool,
+    contact_sheet: Path | None,
+    contact_sheet_size: int,
+    strict: bool,
+    inputs: tuple[str, ...],
 ) -> None:
     """Classify images with an ONNX model in onnxruntime (no torch), one table row per image.
 
-    INPUT: image files (any size, mode or alpha), folders (searched recursively), .npy/.npz
-    arrays (N, 28, 28) or (N, 1, 28, 28) as uint8 0-255 or float 0-1, IDX files (raw or .gz),
-    or - to read paths from stdin. Unreadable inputs get a row with an error and the run goes on.
+    INPUT: image files (any size, mode or alpha: photos too), folders (searched recursively),
+    .npy/.npz arrays (N, 28, 28) or (N, 1, 28, 28) as uint8 0-255 or float 0-1, IDX files (raw or
+    .gz), or - to read paths from stdin. Unreadable inputs get a row with an error and the run goes
+    on. The preprocessing column says what was done to each image.
     """
     from pipeline.predict import PredictConfig
 
-    job = jobs.predict_batch(model, inputs, output, PredictConfig(batch_size=batch_size, top_k=top_k, invert=invert))
+    if invert and preprocess == "none":
+        raise click.UsageError("--invert converts the image; it cannot go with --preprocess none")
+    config = PredictConfig(
+        batch_size=batch_size,
+        top_k=top_k,
+        preprocess=preprocess,
+        invert=invert,
+        contact_sheet=contact_sheet,
+        contact_sheet_size=contact_sheet_size,
+    )
+    job = jobs.predict_batch(model, inputs, output, config)
     if job.warning:
         echo_err(f"Warning: {job.warning}")
     summary = job.summary
     echo_err(summary.line() + (f"; table in {output}" if output else ""))
+    if summary.contact_sheet:
+        echo_err(f"Contact sheet in {summary.contact_sheet}")
+    elif contact_sheet:
+        echo_err(f"No contact sheet: no image file was predicted ({contact_sheet} shows image files, not arrays)")
     if summary.predicted == 0:
         raise PipelineError("nothing was predicted; the error column says why each input failed")
     if strict and summary.failed:
@@ -480,7 +531,7 @@ def _echo_export(job: jobs.ExportJob) -> None:
         for exported in job.models:
             _echo_exported(job, exported)
         return
-    fp32, *int8 = job.models
+    fp32, *int8 = [m for m in job.models if m.variant != "images"]
     _echo_exported(job, fp32)
     if job.folded_layers:
         click.echo(f"Folded for inference: {job.folded_layers}")
@@ -492,9 +543,15 @@ def _echo_export(job: jobs.ExportJob) -> None:
             click.echo(line)
         if job.int8_note:
             echo_err(f"Note: {job.int8_note}.")
+    for exported in job.models:
+        if exported.variant == "images":
+            _echo_exported(job, exported)
 
 
 def _echo_exported(job: jobs.ExportJob, exported: jobs.ExportedModel) -> None:
+    if exported.variant == "images":
+        click.echo(f"Image model (photos in, classes out; serve it): {exported.model_uri} in run {job.run_id}")
+        return
     click.echo(f"ONNX model ({job.model_name}, {exported.variant}): {exported.model_uri} in run {job.run_id}")
     if exported.path:
         click.echo(f"Written to: {exported.path}")
@@ -576,16 +633,17 @@ def runs_command(experiment: str | None, stale: bool, stale_after: float, mark_f
     "--name",
     type=cli_args.TEXT,
     default=None,
-    help="Registered model name; the PyTorch model goes to NAME-pytorch. Give runs of different models "
+    help="Registered model name; the PyTorch model goes to NAME-pytorch, the image model (serves photos) to "
+    "NAME-images. Give runs of different models "
     "the same name to make them compete for champion.  [default: fashion-<model>, e.g. fashion-cnn]",
 )
 def register_command(run_id: str, name: str | None) -> None:
-    """Register a run's ONNX model (and its PyTorch model) in the Model Registry, aliased `candidate`."""
+    """Register a run's ONNX model (and its PyTorch and image models) in the Model Registry, aliased `candidate`."""
     _echo_registration(jobs.register_run(run_id, name))
 
 
 def _echo_registration(job) -> None:
-    for registered in filter(None, (job.onnx, job.pytorch)):
+    for registered in filter(None, (job.onnx, job.pytorch, job.image_model)):
         how = "Registered as" if registered.created else "Already registered as"
         click.echo(f"{how} {registered.name} v{registered.version} (alias candidate)")
     click.echo(f"test accuracy {job.test_accuracy:.2%} on {job.test_images:,} test images; ONNX parity passed")
@@ -608,6 +666,8 @@ def promote_command(name: str, version: str | None, force: bool) -> None:
     click.echo(job.decision.message + ".")
     if job.champion:
         click.echo(f"Champion: models:/{name}@champion = {name} v{job.champion}")
+    for twin in job.twins:
+        click.echo(f"  with {twin} (same run)")
 
 
 @cli.command("ui-url")

@@ -269,3 +269,40 @@ def per_class_comparison_figure(
         ax.margins(y=0.15)
     fig.suptitle("Model comparison on the test set", fontsize=13)
     return fig
+
+
+def contact_sheet_figure(entries: Sequence, columns: int = 4) -> Figure:
+    """`pipeline predict --contact-sheet`: per image, the original, the 28x28 the model saw, and its top 3.
+
+    `entries` are pipeline.predict.run.SheetEntry: source, original (a Pillow thumbnail), converted
+    (uint8 H x W), note (what preprocessing did), top ([(class, probability)] * 3).
+    """
+    rows = max(1, -(-len(entries) // columns))
+    fig = Figure(figsize=(columns * 3.6, rows * 2.3), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(rows, 2 * columns, gridspec_kw={"wspace": 0.02}))
+    for ax in axes.ravel():
+        ax.set_axis_off()
+    for n, entry in enumerate(entries):
+        original_ax, converted_ax = axes[n // columns, 2 * (n % columns)], axes[n // columns, 2 * (n % columns) + 1]
+        original = np.asarray(entry.original)
+        original_ax.imshow(original, cmap="gray" if original.ndim == 2 else None, vmin=0, vmax=255)
+        name = Path(entry.source).name
+        original_ax.set_title(name if len(name) <= 22 else name[:20] + "…", fontsize=8)
+        converted_ax.imshow(entry.converted, cmap="gray", vmin=0, vmax=255)
+        converted_ax.set_title("28×28", fontsize=8)
+        lines = [f"{cls} {confidence(prob)}" for cls, prob in entry.top]
+        converted_ax.text(
+            0.0, -0.04, "\n".join(lines), transform=converted_ax.transAxes, va="top", ha="left", fontsize=7.5
+        )
+        original_ax.text(
+            0.0,
+            -0.04,
+            entry.note,
+            transform=original_ax.transAxes,
+            va="top",
+            ha="left",
+            fontsize=6.5,
+            color=NOISE_COLOR,
+        )
+    fig.suptitle(f"Contact sheet: {len(entries)} images as given, as the model saw them, and its top 3", fontsize=11)
+    return fig

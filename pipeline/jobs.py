@@ -522,6 +522,7 @@ def export_run(
     from pipeline import export, files, tracking
     from pipeline.data import load_split
     from pipeline.parity import check_parity, check_quantized
+    from pipeline.predict.convert import png_bytes
 
     quiet_known_warnings()
     tracking.connect()
@@ -534,6 +535,8 @@ def export_run(
     if earlier := _reused("export", key, reuse and not output, job_run, run_id):
         variants = ["fp32", "int8"] if quantize == "int8" else ["fp32"]
         models = [ExportedModel(variant, earlier.tags[tracking.ONNX_URI_TAGS[variant]], None) for variant in variants]
+        if earlier.tags.get(tracking.IMAGE_URI_TAG):  # runs exported before the image model existed have none
+            models.append(ExportedModel("images", earlier.tags[tracking.IMAGE_URI_TAG], None))
         return ExportJob(run_id, earlier.params.get("model", ""), models, None, None, reused=True)
     model, class_names, logits = _run_model(run_id, in_process, test.images, TrainConfig.eval_batch_size)
     torch_test_logits = None if logits is None else logits.numpy()
@@ -571,6 +574,9 @@ def export_run(
             for variant, path in paths.items():
                 uri = tracking.log_onnx_model(path, variant, example, export.onnx_logits(path, example), step)
                 job.models.append(ExportedModel(variant, uri, path if target else None))
+            # The model that serves photos (the conversion + onnxruntime over the fp32 file), torch-free.
+            photo = png_bytes(test.images[0])
+            job.models.append(ExportedModel("images", tracking.log_image_model(paths["fp32"], photo, step), None))
             uris = {m.variant: m.model_uri for m in job.models}
             tracking.log_check(job.parity, "parity.json", "parity", uris["fp32"], step)
             if job.int8_check is not None:

@@ -36,6 +36,7 @@ BOUNDS = {
     "ort_fraction_of_limit": ("higher", 0.60),
     "recipe_accuracy_pct": ("higher", 93.0),
     "recipe_time_ratio": ("lower", 1.0),
+    "photo_throughput_ratio": ("higher", 2 / 3),
 }
 
 
@@ -54,6 +55,7 @@ def test_verdicts_compare_in_the_right_direction():
                 "ort_fraction_of_limit": 0.3,
                 "recipe_accuracy_pct": 93.2,
                 "recipe_time_ratio": 1.1,
+                "photo_throughput_ratio": 0.7,
             }
         )
     }
@@ -68,6 +70,7 @@ def test_verdicts_compare_in_the_right_direction():
         "MISS",
         "PASS",
         "MISS",
+        "PASS",
     ]
     assert len(rows) == len(TARGETS)
 
@@ -217,6 +220,9 @@ def test_quick_bench_end_to_end(real_data_dir, tracking_store, tmp_path):
     assert abs(accuracy["torch eager"] - accuracy["onnxruntime fp32"]) <= 2e-4
     assert results["memory"]["train_stage_mib"] > 100 and results["memory"]["predict_10k_mib"] > 10
     assert len(results["onnxruntime_levers"]) == 5
+    photos = results["photos"]
+    assert photos["images"] == 200 and photos["none"]["images_per_s"] > 0 and photos["auto_vs_none"] > 0
+    assert photos["auto"]["accuracy"] > photos["none"]["accuracy"] + 0.3  # the conversion is what makes photos work
     # Quick mode measures every target (the 5-epoch job and the recipe's time by extrapolation) but the
     # recipe's accuracy, which needs full trainings: each verdict has its headline value.
     assert [row["target"] for row in results["verdicts"]] == [label for label, _, _ in TARGETS]
@@ -227,6 +233,19 @@ def test_quick_bench_end_to_end(real_data_dir, tracking_store, tmp_path):
     assert not recipe["measured"] and recipe["cnn_plus"]["train_images_per_s"] > 0 and recipe["time_ratio"] > 0
     assert "| cnn_plus | adamw lr" in result.output
     assert "| target | measured | result |" in result.output
+
+
+def test_photo_bench_measures_predict_with_and_without_the_conversion(trained_onnx, trained_run):
+    from pipeline.bench.config import BenchConfig
+    from pipeline.bench.photos import bench_photos
+    from pipeline.bench.report import photos_line
+
+    results = bench_photos(BenchConfig(quick=True, data_dir=trained_run["data_dir"]), trained_onnx, count=24)
+    assert results["images"] == 24 and results["mean_pixels"] > 200 * 200  # photos 8-16x a 28x28 image
+    for mode in ("none", "auto"):
+        assert results[mode]["images_per_s"] > 0 and 0 <= results[mode]["accuracy"] <= 1
+    assert results["auto_vs_none"] == results["auto"]["images_per_s"] / results["none"]["images_per_s"]
+    assert "24 photo-like PNGs" in photos_line({"photos": results})
 
 
 def test_avx2_cap_masks_features_and_refuses_once_torch_is_loaded(monkeypatch):

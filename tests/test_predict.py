@@ -20,15 +20,17 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from pipeline.bench.photos import write_photos
 from pipeline.cli import cli
 from pipeline.data import SPLIT_FILES, load_split, raw_dir
 from pipeline.errors import PipelineError
 from pipeline.idx import write_idx
 from pipeline.onnx_contract import to_unit_range
 from pipeline.predict import PredictConfig, Predictor, predict
-from pipeline.predict.inputs import Failure, Images, image_to_array
+from pipeline.predict.convert import load, prepare
+from pipeline.predict.inputs import Failure, Images
 from pipeline.predict.run import iter_batches
-from pipeline.predict.writers import result_columns
+from pipeline.predict.writers import result_columns, softmax
 
 TEST_IMAGES = SPLIT_FILES["test"][0]
 
@@ -196,33 +198,37 @@ def test_array_layouts_and_scalings_agree(predictor, test_split, tmp_path):
 
 def test_images_are_converted_to_look_like_training_images():
     size = (28, 28)
-    # A light, tall object on a transparent background: transparency becomes black, the
-    # margins are trimmed, and the width is padded so the 2:1 proportions survive.
+    # A light, tall object on a transparent background: transparency becomes black (the object is
+    # light), the margins are trimmed, and the width is extended so the 2:1 proportions survive.
     rgba = np.zeros((60, 60, 4), dtype=np.uint8)
     rgba[10:50, 20:40] = (200, 200, 200, 255)
-    out = image_to_array(Image.fromarray(rgba, "RGBA"), size)
-    assert out.shape == size and out.dtype == np.uint8
+    done = prepare(Image.fromarray(rgba, "RGBA"), size)
+    out = done.pixels
+    assert out.shape == size and out.dtype == np.uint8 and "trimmed" in done.steps and "inverted" not in done.steps
     assert out[14, 14] > 150 and out[0, 14] > 150 and out[27, 14] > 150  # fills the frame's height
     assert out[14, 0] == 0 and out[14, 27] == 0 and out[:, :5].max() == 0  # black at the sides
     bright = np.argwhere(out > 100)
     assert 13 <= np.ptp(bright[:, 1]) + 1 <= 15  # half as wide as tall
 
     # A product photo: a dark square on white with an off-centre margin and a transparent strip.
-    # --invert makes it light on black; the strip must become background too (composited on
-    # white, then inverted), or the trimming would keep it and shift the object.
+    # Transparency behind dark pixels is white, so the strip is background and is trimmed away.
     photo = np.full((100, 300, 4), 255, dtype=np.uint8)
     photo[10:60, 200:250, :3] = 20
     photo[:, :20, 3] = 0
-    out = image_to_array(Image.fromarray(photo, "RGBA"), size, invert=True)
-    assert out.min() > 200  # the square fills the whole frame, light on black
+    done = prepare(Image.fromarray(photo, "RGBA"), size)
+    assert done.pixels.min() > 200 and done.steps == ["transparency on white", "trimmed", "inverted"]
+    # --invert (the old flag) is the same conversion with the background taken as light.
+    np.testing.assert_array_equal(prepare(Image.fromarray(photo, "RGBA"), size, invert=True).pixels, done.pixels)
 
-    # Images already at the model's size are taken exactly as they are; 16-bit and palette modes.
-    noisy = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
-    np.testing.assert_array_equal(image_to_array(Image.fromarray(noisy), size), noisy)
+    # Images already in the dataset's format are taken exactly as they are; 16-bit and palette modes.
+    noisy = np.random.default_rng(0).integers(0, 100, size, dtype=np.uint8)
+    as_is = prepare(Image.fromarray(noisy), size)
+    np.testing.assert_array_equal(as_is.pixels, noisy)
+    assert as_is.note == "as-is"
     deep = Image.fromarray(np.full((28, 28), 65535, dtype=np.uint16))
-    assert image_to_array(deep, size).min() == 255
+    assert prepare(deep, size, "none").pixels.min() == 255
     palette = Image.fromarray(np.full((28, 28), 128, dtype=np.uint8)).convert("P")
-    assert image_to_array(palette, size)[5, 5] == 128
+    assert prepare(palette, size, "none").pixels[5, 5] == 128
 
 
 def test_photo_like_inputs_predict_like_the_originals(predictor, test_split, tmp_path):
@@ -490,15 +496,11 @@ def test_model_uri_prediction_stays_torch_free(exported_onnx_uri, use_trained_ru
 
 
 @pytest.mark.real_data
-def test_real_test_set_matches_torch_evaluation(real_data_dir, tmp_path):
+def test_real_test_set_matches_torch_evaluation(real_data_dir, real_dnn, tmp_path):
     """A briefly trained DNN (no MLflow, 60 steps) exported and run on the real t10k IDX file."""
     from pipeline.evaluate import compute_logits, images_to_tensor
-    from pipeline.export import export_onnx
-    from pipeline.train import TrainConfig, train
 
-    result = train(TrainConfig(model="dnn", epochs=1, max_steps=60, data_dir=real_data_dir), [])
-    model = result.model.cpu().eval()
-    path = export_onnx(model, tmp_path / "dnn.onnx", result.params["class_names"], "dnn", "test")
+    model, path = real_dnn["model"], real_dnn["onnx"]
     split = load_split(real_data_dir, "test")
     torch_accuracy = (compute_logits(model, images_to_tensor(split.images)).argmax(1).numpy() == split.labels).mean()
 
@@ -511,7 +513,7 @@ def test_real_test_set_matches_torch_evaluation(real_data_dir, tmp_path):
     assert torch_accuracy > 0.6
     # float32 kernels differ; at most a couple of near-ties may flip among 10,000 images.
     assert abs(onnx_accuracy - torch_accuracy) <= 2e-4
-    assert set(table["predicted_class"]) <= set(result.params["class_names"])
+    assert set(table["predicted_class"]) <= set(real_dnn["class_names"])
 
 
 def test_predictor_rejects_a_folder_without_one_onnx_file(tmp_path):
@@ -563,3 +565,142 @@ def test_model_uris_of_other_stores_are_a_clear_error(tracking_store, tmp_path, 
     result = run_predict("--model", uri, str(tmp_path / "x.npy"))
     assert result.exit_code == 1
     assert f"cannot fetch model '{uri}'" in result.output and "Traceback" not in result.output
+
+
+# --------------------------------------------------------------------------- issue 22: photos in, right answers out
+
+
+@pytest.mark.real_data
+def test_photos_need_no_flag_to_be_predicted_as_well_as_the_dataset(real_data_dir, real_dnn, tmp_path):
+    """Real test images made into photos (dark on a tinted light background, 8-16x, off-centre on a
+    non-square canvas, half JPEG half PNG): with no flag, predict reaches at least 95 % of the model's
+    own accuracy on the same images; taken as they are (--preprocess none) it does not come close."""
+    split = load_split(real_data_dir, "test")
+    images, labels = split.images[:120], split.labels[:120]
+    paths = write_photos(images, tmp_path / "photos", seed=1)
+    assert {p.suffix for p in paths} == {".jpg", ".png"}
+    predictor = Predictor(real_dnn["onnx"])
+    own = (predictor.predict_arrays(images).argmax(1) == labels).mean()
+    assert own > 0.6  # a model that learned something, so the comparison means something
+    accuracy = {}
+    for mode in ("auto", "none"):
+        out = tmp_path / f"{mode}.csv"
+        args = ["-o", out, tmp_path / "photos"] if mode == "auto" else ["--preprocess", mode, "-o", out, tmp_path]
+        result = run_predict("--model", real_dnn["onnx"], *args)
+        assert result.exit_code == 0, result.output
+        table = read_table(out)
+        assert len(table) == 120 and table["error"].isna().all()
+        accuracy[mode] = (table["predicted_id"].to_numpy() == labels).mean()
+        if mode == "auto":
+            assert (table["preprocessing"] == "whitened,trimmed,inverted").all(), table["preprocessing"].unique()
+    assert accuracy["auto"] >= 0.95 * own, (accuracy, own)
+    assert accuracy["none"] < 0.5 * own, (accuracy, own)
+
+
+def test_dataset_like_inputs_give_exactly_the_logits_they_gave_before(predictor, test_split, tmp_path):
+    """28x28 grey images on black (grey or RGB PNGs, GIFs), arrays and IDX files are taken as they are:
+    the very same float32 probabilities as the raw arrays through the Predictor, not merely the same classes."""
+    images = test_split.images[:30]
+    for i, image in enumerate(images):  # grey PNGs, and the same pixels as RGB PNGs and palette GIFs
+        grey = Image.fromarray(image)
+        (grey if i % 3 == 0 else grey.convert("RGB")).save(tmp_path / f"{i:02d}.{'gif' if i % 3 == 2 else 'png'}")
+    np.save(tmp_path / "x.npy", images)
+    write_idx(tmp_path / "x.idx", images)
+    expected = softmax(predictor.predict_arrays(images))
+    for source in (tmp_path, tmp_path / "x.npy", tmp_path / "x.idx"):
+        out = tmp_path / "out.parquet"
+        for mode in ("auto", "none"):
+            assert run_predict("--model", predictor.path, "--preprocess", mode, "-o", out, source).exit_code == 0
+            table = read_table(out)
+            assert (table["preprocessing"] == "as-is").all(), (source, mode)
+            np.testing.assert_array_equal(table["top1_prob"].to_numpy(np.float32), expected.max(1))
+            assert table["predicted_id"].tolist() == expected.argmax(1).tolist()
+
+
+def encoded(image: Image.Image, fmt: str, **options) -> bytes:
+    stream = io.BytesIO()
+    image.save(stream, format=fmt, **options)
+    return stream.getvalue()
+
+
+def huge_png_header() -> bytes:
+    """A PNG that says it is 20000 x 20000 (over Pillow's pixel limit), with almost no data."""
+    import struct
+    import zlib
+
+    small = bytearray(encoded(Image.new("L", (1, 1)), "PNG"))
+    ihdr = struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0)
+    small[16:29] = ihdr
+    small[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(small)
+
+
+def test_awkward_images_are_converted_or_refused_in_their_row(predictor, test_split, tmp_path):
+    garment = Image.new("L", (220, 180), 255)  # a photo: a dark garment off-centre on white
+    garment.paste(Image.fromarray(255 - test_split.images[0]).resize((140, 140), Image.Resampling.BICUBIC), (60, 25))
+    alpha_only = np.zeros((100, 80, 4), dtype=np.uint8)  # black everywhere: the garment is only in alpha
+    alpha_only[..., 3] = np.asarray(Image.fromarray(test_split.images[0]).resize((80, 100)))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    frames = [garment.convert("P"), Image.new("P", garment.size, 0)]
+    files = {
+        "flat.png": encoded(Image.new("RGB", (300, 200), (210, 190, 160)), "PNG"),
+        "one.png": encoded(Image.new("L", (1, 1), 40), "PNG"),
+        "thin.png": encoded(Image.new("L", (2, 50), 200), "PNG"),
+        "alpha.png": encoded(Image.fromarray(alpha_only, "RGBA"), "PNG"),
+        "deep.png": encoded(Image.fromarray(np.asarray(garment).astype(np.uint16) * 257), "PNG"),
+        "cmyk.jpg": encoded(garment.convert("CMYK"), "JPEG"),
+        "rotated.jpg": encoded(garment.rotate(90, expand=True).convert("RGB"), "JPEG", exif=exif),
+        "upright.jpg": encoded(garment.convert("RGB"), "JPEG"),
+        "animated.gif": encoded(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "huge.png": huge_png_header(),
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    out = tmp_path / "out.csv"
+    result = run_predict("--model", predictor.path, "--top-k", "1", "-o", out, *(tmp_path / n for n in files))
+    assert result.exit_code == 0, result.output
+    table = read_table(out)
+    rows = {
+        Path(s).name: (p, e) for s, p, e in zip(table["source"], table["preprocessing"], table["error"], strict=True)
+    }
+    assert rows["flat.png"][0] == "whitened,nothing to trim (one flat colour),inverted"
+    assert "nothing to trim" in rows["one.png"][0] and "nothing to trim" in rows["thin.png"][0]
+    assert rows["alpha.png"][0].startswith("transparency on white,") and rows["alpha.png"][0].endswith(",inverted")
+    assert rows["deep.png"][0].startswith("16-bit,") and rows["cmyk.jpg"][0].startswith("CMYK,")
+    assert rows["rotated.jpg"][0].startswith("rotated (EXIF),") and rows["animated.gif"][0].startswith(
+        "first of 2 frames"
+    )
+    assert "exceeds limit" in rows["huge.png"][1] and pd.isna(rows["huge.png"][0])
+    assert all(pd.isna(error) for name, (_, error) in rows.items() if name != "huge.png")
+    # The rotation is honoured: the rotated photo converts to what the upright one does.
+    upright, rotated = (load(tmp_path / n) for n in ("upright.jpg", "rotated.jpg"))
+    assert np.abs(upright.pixels.astype(int) - rotated.pixels.astype(int)).mean() < 4
+    sideways = np.rot90(upright.pixels).astype(int)  # what an ignored EXIF tag would have given
+    assert np.abs(sideways - rotated.pixels.astype(int)).mean() > 15
+    # The garment drawn only in the alpha channel comes out light on black, like a training image.
+    alpha = load(tmp_path / "alpha.png").pixels
+    edge = np.concatenate([alpha[0], alpha[-1], alpha[:, 0], alpha[:, -1]])
+    assert alpha.max() > 200 and alpha.mean() > 20 and np.median(edge) < 30
+    assert "Read 10 images: 9 predicted, 1 failed" in result.output
+
+
+def test_contact_sheet_shows_the_first_images(predictor, test_split, tmp_path):
+    paths = write_photos(test_split.images[:5], tmp_path / "photos")
+    sheet = tmp_path / "sheet.png"
+    args = ["--contact-sheet", sheet, "--contact-sheet-size", "3", "--top-k", "1", "-o", tmp_path / "o.csv"]
+    result = run_predict("--model", predictor.path, *args, *paths)
+    assert result.exit_code == 0, result.output
+    assert f"Contact sheet in {sheet}" in result.output
+    with Image.open(sheet) as drawn:
+        assert drawn.format == "PNG" and drawn.width > 800 and drawn.height > 150
+    # Only the first 3 were drawn: the same run with 5 gives a taller sheet (two rows of four).
+    run_predict("--model", predictor.path, "--contact-sheet", tmp_path / "five.png", "-o", tmp_path / "o.csv", *paths)
+    with Image.open(tmp_path / "five.png") as five, Image.open(sheet) as three:
+        assert five.height > 1.5 * three.height
+    result = run_predict("--model", predictor.path, "--contact-sheet", tmp_path / "sheet.jpg", *paths)
+    assert result.exit_code == 1 and "name it .png" in result.output and "Traceback" not in result.output
+    np.save(tmp_path / "x.npy", test_split.images[:3])
+    result = run_predict("--model", predictor.path, "--contact-sheet", tmp_path / "none.png", tmp_path / "x.npy")
+    assert result.exit_code == 0 and "No contact sheet: no image file" in result.output
+    assert not (tmp_path / "none.png").exists()

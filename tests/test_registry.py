@@ -189,9 +189,7 @@ def test_bad_input_is_one_line_naming_what_is_missing(tracking_store, tmp_path):
     assert "pipeline register --run-id RUN_ID --name nope" in invoke("promote", "--name", "nope").output
 
 
-def test_predict_follows_the_champion_and_the_pytorch_twin_follows_too(
-    champion_uri, use_trained_run, trained_onnx, tmp_path
-):
+def test_predict_follows_the_champion_and_the_twins_follow_too(champion_uri, use_trained_run, trained_onnx, tmp_path):
     images = load_split(use_trained_run["data_dir"], "test").images[:16]
     np.save(tmp_path / "x.npy", images)
     result = CliRunner().invoke(cli, ["predict", "--model", champion_uri, str(tmp_path / "x.npy")])
@@ -209,3 +207,9 @@ def test_predict_follows_the_champion_and_the_pytorch_twin_follows_too(
         (images[:, None] / np.float32(255)).astype(np.float32)
     )
     assert np.asarray(logits).argmax(1).tolist() == expected
+    # The image model (photos in) is registered as NAME-images with the same tags, and follows too.
+    onnx_version = client.get_model_version_by_alias("tests-cnn", "champion")
+    images = client.get_model_version_by_alias("tests-cnn" + registry.IMAGES_SUFFIX, "champion")
+    assert images.run_id == run_id and images.source == tracking.run_model_uri(run_id, tracking.IMAGE_URI_TAG)
+    assert images.tags == {**onnx_version.tags, "format": "images"}
+    assert images.description.endswith(onnx_version.description.removeprefix("ONNX model. "))

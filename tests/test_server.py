@@ -123,7 +123,11 @@ def test_train_evaluate_export_register_land_in_postgresql_and_the_artifact_prox
     assert {p.relative_to(stored).as_posix() for p in stored.rglob("*") if p.is_file()} >= artifacts
 
     logged = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
-    assert {m.name for m in logged if m.source_run_id == run_id} == {tracking.TORCH_MODEL_NAME, "onnx_model"}
+    assert {m.name for m in logged if m.source_run_id == run_id} == {
+        tracking.TORCH_MODEL_NAME,
+        "onnx_model",
+        "image_model",
+    }
     # The registry lives in the same database.
     version = client.get_model_version_by_alias("fashion-cnn-server-test", "candidate")
     assert version.run_id == run_id

@@ -17,6 +17,7 @@ import torch
 from pipeline.bench.config import BenchConfig, config_dict
 from pipeline.bench.inference import bench_inference, bench_onnxruntime_levers, inference_models
 from pipeline.bench.machine import bench_memory, gemm_limits, machine
+from pipeline.bench.photos import bench_photos
 from pipeline.bench.recipe import bench_recipe
 from pipeline.bench.report import headline, verdicts
 from pipeline.bench.training import (
@@ -105,6 +106,8 @@ def run_benchmarks(
     paths, accuracy = inference_models(model, class_names, workdir, cfg.data_dir)
     results["inference_accuracy"] = accuracy
     results["inference"] = bench_inference(cfg, model, paths)
+    progress("photos: predict on PNG photos, --preprocess none vs auto")
+    results["photos"] = bench_photos(cfg, paths["onnxruntime fp32"])
     progress("onnxruntime levers: folding, session options")
     results["onnxruntime_levers"] = bench_onnxruntime_levers(cfg, model, class_names, workdir)
     progress("peak memory")

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.idx import GZIP_ERRORS, GZIP_MAGIC, open_maybe_gzip, read_header
+from pipeline.predict import convert
 
 ARRAY_CHUNK = 4096  # images sliced from an array or IDX file at a time: bounds memory, amortizes overhead
-TRIM_LEVEL = 12  # pixels at most this bright (5% of 255, as Fashion-MNIST's trimming) count as background
+SHEET_THUMBNAIL = 160  # pixels: the longest edge of an original kept for --contact-sheet
 
 
 @dataclass
@@ -31,6 +32,8 @@ class Images:
     source: str
     images: np.ndarray
     first_index: int | None  # position in an array or IDX file; None for an image file
+    note: str = convert.AS_IS  # what was done to the image(s): the table's preprocessing column
+    original: Image.Image | None = None  # the decoded image file, kept only for a contact sheet
 
 
 @dataclass
@@ -67,11 +70,24 @@ def expand_inputs(inputs: Iterable[str], stdin: IO[str] | None = None) -> Iterat
             yield item
 
 
-def read_inputs(inputs: Iterable[str], image_size: tuple[int, int], invert: bool = False, stdin=None):
-    """Every input as Images or Failure items, in order; nothing is read before it is needed."""
+def read_inputs(
+    inputs: Iterable[str],
+    image_size: tuple[int, int],
+    invert: bool = False,
+    stdin=None,
+    preprocess: str = "auto",
+    keep_originals: int = 0,
+):
+    """Every input as Images or Failure items, in order; nothing is read before it is needed.
+
+    keep_originals: the first that many image files keep their decoded picture (for a contact sheet).
+    """
+    kept = 0
     for path in expand_inputs(inputs, stdin):
         try:
-            yield from read_source(Path(path), image_size, invert)
+            for item in read_source(Path(path), image_size, invert, preprocess, keep=kept < keep_originals):
+                kept += isinstance(item, Images) and item.original is not None
+                yield item
         except Exception as exc:  # a file that breaks mid-read: one error row, the run goes on
             yield Failure(path, None, describe(exc))
 
@@ -81,7 +97,9 @@ def describe(exc: BaseException) -> str:
     return message if isinstance(exc, (PipelineError, OSError)) else f"{type(exc).__name__}: {message}"
 
 
-def read_source(path: Path, image_size: tuple[int, int], invert: bool = False) -> Iterator[Images | Failure]:
+def read_source(
+    path: Path, image_size: tuple[int, int], invert: bool = False, preprocess: str = "auto", keep: bool = False
+) -> Iterator[Images | Failure]:
     source = str(path)
     if not path.exists():
         yield Failure(source, None, "no such file or folder")
@@ -106,11 +124,17 @@ def read_source(path: Path, image_size: tuple[int, int], invert: bool = False) -
         yield from read_idx_images(path, image_size)
     else:
         try:
-            image = load_image(path, image_size, invert)
+            image, steps = convert.open_image(path)
         except Exception as exc:  # Pillow raises many types for broken or foreign files
             yield Failure(source, None, f"not a readable image, array or IDX file ({describe(exc)})")
-        else:
-            yield Images(source, image[None], None)
+            return
+        prepared = convert.prepare(image, image_size, preprocess, invert)
+        prepared.steps[:0] = steps
+        original = None
+        if keep:  # a thumbnail of what the user gave, for the contact sheet; the full image is not kept
+            original = convert.decode(image)[0]
+            original.thumbnail((SHEET_THUMBNAIL, SHEET_THUMBNAIL))
+        yield Images(source, prepared.pixels[None], None, prepared.note, original)
 
 
 def read_array(source: str, array: np.ndarray, image_size: tuple[int, int]) -> Iterator[Images | Failure]:
@@ -218,50 +242,3 @@ def gzip_damage(path: Path) -> str | None:
     except GZIP_ERRORS as exc:
         return str(exc) or type(exc).__name__
     return None
-
-
-def load_image(path: Path, size: tuple[int, int], invert: bool = False) -> np.ndarray:
-    """Any image file -> uint8 (H, W) that looks like Fashion-MNIST: a light object on black.
-
-    Transparent pixels become background (black, or white before --invert flips it). An
-    image of another size is trimmed to its object, padded to the target's aspect ratio so
-    the garment keeps its proportions, then resized with antialiasing.
-    """
-    h, w = size
-    with Image.open(path) as image:
-        if image.format == "JPEG":
-            image.draft("L", (4 * w, 4 * h))  # decode big photos at a reduced scale: much faster
-        image.load()
-        image = ImageOps.exif_transpose(image)
-    return image_to_array(image, size, invert)
-
-
-def image_to_array(image: Image.Image, size: tuple[int, int], invert: bool = False) -> np.ndarray:
-    h, w = size
-    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        wide = np.asarray(image, dtype=np.float64)
-        scale = 257.0 if image.mode.startswith("I;16") or wide.max() > 255 else 1.0
-        image = Image.fromarray(np.clip(wide / scale, 0, 255).astype(np.uint8))
-    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-        background = 255 if invert else 0
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (background, background, background, 255)), rgba)
-    gray = image.convert("L")
-    if invert:
-        gray = ImageOps.invert(gray)
-    if gray.size == (w, h):
-        return np.asarray(gray, dtype=np.uint8)  # already in the training format: taken as it is
-    # Fashion-MNIST's own conversion trimmed the background margins before resizing, so the
-    # garment fills the frame along its longer side; a photo with a wide margin needs the same.
-    mask = gray.point([0] * (TRIM_LEVEL + 1) + [255] * (255 - TRIM_LEVEL))
-    box = mask.getbbox()
-    if box:
-        gray = gray.crop(box)
-    width, height = gray.size
-    # The smallest canvas with the target's aspect ratio that holds the picture, centred on black.
-    canvas_w, canvas_h = max(width, -(-height * w // h)), max(height, -(-width * h // w))
-    if (canvas_w, canvas_h) != (width, height):
-        canvas = Image.new("L", (canvas_w, canvas_h), 0)
-        canvas.paste(gray, ((canvas_w - width) // 2, (canvas_h - height) // 2))
-        gray = canvas
-    return np.asarray(gray.resize((w, h), Image.Resampling.LANCZOS), dtype=np.uint8)

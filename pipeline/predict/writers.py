@@ -26,6 +26,8 @@ class Batch:
     sources: list[str] = field(default_factory=list)
     indices: list[int | None] = field(default_factory=list)
     errors: list[str | None] = field(default_factory=list)
+    notes: list[str | None] = field(default_factory=list)  # what preprocessing did, per row
+    originals: list = field(default_factory=list)  # decoded image files kept for a contact sheet, else None
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -39,7 +41,7 @@ def result_columns(top_k: int) -> list[str]:
     columns = ["source", "index", "predicted_id", "predicted_class", "confidence"]
     for k in range(1, top_k + 1):
         columns += [f"top{k}_class", f"top{k}_prob"]
-    return columns + ["error"]
+    return columns + ["preprocessing", "error"]
 
 
 def printable_path(source: str) -> str:
@@ -75,6 +77,7 @@ def batch_table(batch: Batch, logits: np.ndarray, class_names: list[str], top_k:
     for k in range(top_k):
         table[f"top{k + 1}_class"] = spread(names[order[:, k]], None)
         table[f"top{k + 1}_prob"] = spread(np.take_along_axis(probs, order[:, k : k + 1], 1)[:, 0], np.nan)
+    table["preprocessing"] = batch.notes
     table["error"] = batch.errors
     return pd.DataFrame(table)
 
@@ -97,7 +100,7 @@ class TableWriter:
             for k in range(1, top_k + 1):
                 fields += [(f"top{k}_class", pa.string()), (f"top{k}_prob", pa.float32())]
             # A fixed schema: a first batch of only errors must not decide the column types.
-            self.schema = pa.schema([*fields, ("error", pa.string())])
+            self.schema = pa.schema([*fields, ("preprocessing", pa.string()), ("error", pa.string())])
             self.parquet = pq.ParquetWriter(stream, self.schema)
 
     def write(self, table: pd.DataFrame) -> None:

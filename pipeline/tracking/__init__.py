@@ -32,6 +32,7 @@ from pipeline.tracking.log import (
 )
 from pipeline.tracking.models import (
     download_onnx_model,
+    log_image_model,
     log_onnx_model,
     log_torch_model,
     run_id_for_model,
@@ -44,6 +45,7 @@ from pipeline.tracking.names import (
     CHECKPOINT_STEP_TAG,
     HEARTBEAT_TAG,
     HOSTNAME_TAG,
+    IMAGE_URI_TAG,
     MODEL_URI_TAG,
     ONNX_MODEL_NAMES,
     ONNX_URI_TAGS,
@@ -108,6 +110,7 @@ __all__ = [
     "MlflowTrialObserver",
     "ONNX_MODEL_NAMES",
     "ONNX_URI_TAGS",
+    "IMAGE_URI_TAG",
     "PID_TAG",
     "REGISTERED_TAG",
     "RUNS_VIEW_KEY",
@@ -147,6 +150,7 @@ __all__ = [
     "log_evaluation",
     "log_metrics",
     "log_onnx_model",
+    "log_image_model",
     "log_params",
     "log_report",
     "log_study",

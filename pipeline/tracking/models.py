@@ -7,11 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.tracking.artifacts import quiet_downloads
 from pipeline.tracking.names import (
     CHECKPOINT_ARTIFACT,
+    IMAGE_MODEL_NAME,
+    IMAGE_URI_TAG,
     MODEL_URI_TAG,
     ONNX_MODEL_NAMES,
     ONNX_URI_TAGS,
@@ -80,6 +83,56 @@ def log_onnx_model(path: Path, variant: str, input_example: Any, output_example:
         pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
     )
     mlflow.set_tag(ONNX_URI_TAGS[variant], info.model_uri)
+    return info.model_uri
+
+
+def log_image_model(onnx_path: Path, example_image: bytes, step: int = 0) -> str:
+    """Log the model that serves photos: a torch-free pyfunc (the conversion + onnxruntime) over the .onnx file.
+
+    Its signature takes one binary column, `image` (PNG/JPEG bytes; MLflow's scoring server decodes
+    base64 in JSON), and returns class, class_id, probability, top_k, preprocessing and error.
+    """
+    import onnxruntime
+    import pandas as pd
+    import PIL
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array, Object, Property
+
+    import pipeline
+
+    top = Array(Object([Property("class", DataType.string), Property("probability", DataType.double)]))
+    signature = ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, "image")]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, "class", required=False),
+                ColSpec(DataType.long, "class_id", required=False),
+                ColSpec(DataType.double, "probability", required=False),
+                ColSpec(top, "top_k", required=False),
+                ColSpec(DataType.string, "preprocessing", required=False),
+                ColSpec(DataType.string, "error", required=False),
+            ]
+        ),
+        params=ParamSchema([ParamSpec("top_k", DataType.long, 3), ParamSpec("preprocess", DataType.string, "auto")]),
+    )
+    info = mlflow.pyfunc.log_model(
+        name=IMAGE_MODEL_NAME,
+        python_model=str(Path(__file__).with_name("image_model.py")),  # a model from code: no pickle
+        artifacts={"onnx_model": str(onnx_path)},  # image_model.ONNX_ARTIFACT, not imported: it sets the model
+        signature=signature,
+        input_example=pd.DataFrame({"image": [example_image]}),
+        step=step,
+        code_paths=[str(Path(pipeline.__file__).parent)],
+        # Given, not inferred: no torch in a model that only converts images and runs onnxruntime.
+        pip_requirements=[
+            f"onnxruntime=={onnxruntime.__version__}",
+            f"pillow=={PIL.__version__}",
+            f"numpy=={np.__version__}",
+            f"pandas=={pd.__version__}",
+        ],
+    )
+    mlflow.set_tag(IMAGE_URI_TAG, info.model_uri)
     return info.model_uri
 
 

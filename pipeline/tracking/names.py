@@ -51,6 +51,7 @@ STAGES_TAG = "stages"  # the stages done on the run so far, in order ("train, ev
 REGISTERED_TAG = "registered_as"  # "fashion-cnn v3", set by `pipeline register`
 TORCH_URI_TAG = "pytorch_model_uri"  # the torch LoggedModel's models:/<model_id>
 ONNX_URI_TAGS = {"fp32": "onnx_model_uri", "int8": "onnx_int8_model_uri"}
+IMAGE_URI_TAG = "image_model_uri"  # the served image model's (pyfunc: photos in, classes out) models:/<model_id>
 STAGE_TAG = "stage"  # what kind of run it is, where it is not a training run
 # Stage tags of `pipeline tune`'s runs: the study's parent run and each trial's. Both record a
 # model name, but neither holds a trained model.
@@ -66,6 +67,7 @@ def reused_tag(stage: str) -> str:
 TORCH_MODEL_NAME = "pytorch_model"
 LEGACY_TORCH_MODEL_NAME = "model"  # before it said what it is
 ONNX_MODEL_NAMES = {"fp32": "onnx_model", "int8": "onnx_model_int8"}
+IMAGE_MODEL_NAME = "image_model"
 
 CHECKPOINT_ARTIFACT = "checkpoint/model.pt"
 # The latest training state, replaced at every checkpoint (the artifact store publishes it atomically).

@@ -10,7 +10,7 @@ it is decided by pipeline.promotion, from the accuracies recorded here as versio
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -18,13 +18,15 @@ from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
 from pipeline.errors import PipelineError
 from pipeline.promotion import Decision, Score, decide
-from pipeline.tracking.names import ONNX_URI_TAGS, REGISTERED_TAG, TORCH_URI_TAG, model_id_of
+from pipeline.tracking.names import IMAGE_URI_TAG, ONNX_URI_TAGS, REGISTERED_TAG, TORCH_URI_TAG, model_id_of
 from pipeline.tracking.runs import finish_stage, get_run
 from pipeline.tracking.store import connect, tracking_uri
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
 PYTORCH_SUFFIX = "-pytorch"  # the PyTorch twin of registered model NAME is NAME-pytorch
+IMAGES_SUFFIX = "-images"  # the model that serves photos (pyfunc over the same ONNX file) is NAME-images
+TWIN_SUFFIXES = (PYTORCH_SUFFIX, IMAGES_SUFFIX)  # registered with NAME, and moved with it by promote
 # Model version tags: what promote compares, and where the version came from.
 ACCURACY_TAG = "test_accuracy"
 IMAGES_TAG = "test_images"
@@ -50,6 +52,7 @@ class Registration:
     run_id: str
     onnx: Registered
     pytorch: Registered | None  # None: the run has no logged PyTorch model
+    image_model: Registered | None  # None: the run was exported before the image model existed
     test_accuracy: float
     test_images: int
 
@@ -60,6 +63,7 @@ class Promotion:
     decision: Decision
     champion: str | None  # the champion version after the command
     previous: str | None  # before it
+    twins: list[str] = field(default_factory=list)  # "NAME-images v2", ...: the twins' champions this command moved
 
 
 def _client() -> mlflow.MlflowClient:
@@ -228,12 +232,23 @@ def register_run(run_id: str, name: str | None = None) -> Registration:
                 f"PyTorch model (mlflow.pytorch) of {name} v{onnx.version}. {description}.",
                 {**version_tags, FORMAT_TAG: "pytorch"},
             )
-        for registered in filter(None, (onnx, pytorch)):
+        image_uri = tags.get(IMAGE_URI_TAG)
+        served = None
+        if image_uri:
+            served = _register_model(
+                client,
+                name + IMAGES_SUFFIX,
+                image_uri,
+                run_id,
+                f"Image model (photos in: PNG/JPEG bytes; classes out) of {name} v{onnx.version}. {description}.",
+                {**version_tags, FORMAT_TAG: "images"},
+            )
+        for registered in filter(None, (onnx, pytorch, served)):
             client.set_registered_model_alias(registered.name, CANDIDATE, registered.version)
     except MlflowException as exc:
         raise PipelineError(f"cannot register run {run_id} as {name!r}: {exc.message.splitlines()[0]}") from None
     finish_stage(run_id, "register", {REGISTERED_TAG: f"{name} v{onnx.version}"})
-    return Registration(run_id, onnx, pytorch, accuracy, images)
+    return Registration(run_id, onnx, pytorch, served, accuracy, images)
 
 
 # ----------------------------------------------------------------- promote
@@ -262,7 +277,8 @@ def _alias_version(client: mlflow.MlflowClient, name: str, alias: str):
 def promote(name: str, version: str | None = None, force: bool = False) -> Promotion:
     """Move `champion` to `version`, or to the candidate if it beats the champion by more than noise (or --force).
 
-    The PyTorch twin (NAME-pytorch), when it has the version from the same run, follows.
+    The twins (NAME-pytorch, NAME-images), when they have a version from the same run, follow, so
+    `@champion` means one model whichever name it is read from.
     """
     client = _client()
     _registered_model(client, name)
@@ -279,16 +295,18 @@ def promote(name: str, version: str | None = None, force: bool = False) -> Promo
         chosen = _version(client, name, alias=CANDIDATE)
         champion_score = _score(current) if current else None
         decision = decide(_score(chosen), champion_score, force=force)
+    moved = []
     if decision.promote:
         client.set_registered_model_alias(name, CHAMPION, chosen.version)
-        twin = name + PYTORCH_SUFFIX
         run_id = chosen.tags.get(RUN_TAG) or chosen.run_id
-        try:
-            for twin_version in client.search_model_versions(f"name = '{twin}' AND run_id = '{run_id}'"):
-                client.set_registered_model_alias(twin, CHAMPION, twin_version.version)
-                break
-        except MlflowException as exc:
-            if not _missing(exc):
-                raise
+        for twin in (name + suffix for suffix in TWIN_SUFFIXES):
+            try:
+                for twin_version in client.search_model_versions(f"name = '{twin}' AND run_id = '{run_id}'"):
+                    client.set_registered_model_alias(twin, CHAMPION, twin_version.version)
+                    moved.append(f"{twin} v{twin_version.version}")
+                    break
+            except MlflowException as exc:
+                if not _missing(exc):
+                    raise
     champion = str(chosen.version) if decision.promote else previous
-    return Promotion(name, decision, champion, previous)
+    return Promotion(name, decision, champion, previous, moved)
