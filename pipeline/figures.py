@@ -73,14 +73,19 @@ def _image_grid(
     title: str,
     footer: str,
     cell_inches: float = 2.0,
+    overlays: np.ndarray | None = None,
 ) -> Figure:
+    """Images in a grid with a caption each; `overlays` (same count, values in [0, 1]) are drawn
+    over them as a translucent heat map (explanations)."""
     rows = max(1, -(-len(images) // columns))
     fig = Figure(figsize=(columns * cell_inches, rows * (cell_inches + 0.45)), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
     for ax in axes:
         ax.set_axis_off()
-    for ax, image, caption, color in zip(axes, images, captions, colors, strict=False):
+    for i, (ax, image, caption, color) in enumerate(zip(axes, images, captions, colors, strict=False)):
         ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        if overlays is not None:
+            ax.imshow(overlays[i], cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
         ax.set_title(caption, fontsize=8.5, color=color)
     fig.suptitle(title, fontsize=12)
     fig.supxlabel(footer, fontsize=9)
@@ -101,8 +106,11 @@ def misclassified_figure(
     class_names: Sequence[str],
     columns: int = 6,
     subtitle: str = "",
+    overlays: np.ndarray | None = None,
+    method: str = "",
 ) -> Figure:
-    """The given test images (the most confident mistakes), each with true and predicted label."""
+    """The given test images (the most confident mistakes), each with true and predicted label;
+    with `overlays` (one map per index), the explanation `method`'s map of the predicted class over each."""
     indices = np.asarray(indices, dtype=np.int64)
     captions = [
         f"#{i}  true: {class_names[labels[i]]}\npred: {class_names[predictions[i]]} "
@@ -122,7 +130,9 @@ def misclassified_figure(
         [WRONG_COLOR] * len(indices),
         columns,
         f"The {len(indices)} most confident mistakes{subtitle}",
-        "#test index, true label, predicted label (model's probability for it)",
+        "#test index, true label, predicted label (model's probability for it)"
+        + (f"; overlay: {method} for the predicted class (red: most weight)" if overlays is not None else ""),
+        overlays=overlays,
     )
 
 
@@ -269,3 +279,173 @@ def per_class_comparison_figure(
         ax.margins(y=0.15)
     fig.suptitle("Model comparison on the test set", fontsize=13)
     return fig
+
+
+# --------------------------------------------------------------------------- what the model learned
+
+
+def filters_figure(filters: np.ndarray, layer: str, subtitle: str = "", columns: int = 8) -> Figure:
+    """Every filter of the first convolution (out, in, kh, kw) as an image, input channels averaged.
+
+    One colour scale for all, centred on 0: red weights add the pixel's brightness, blue subtract it.
+    """
+    filters = np.asarray(filters, dtype=np.float32)
+    kernels = filters.mean(axis=1)
+    limit = float(np.abs(kernels).max()) or 1.0
+    rows = -(-len(kernels) // columns)
+    fig = Figure(figsize=(columns * 1.1, rows * 1.25 + 0.8), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.set_axis_off()
+    for i, (ax, kernel) in enumerate(zip(axes, kernels, strict=False)):
+        image = ax.imshow(kernel, cmap="RdBu_r", vmin=-limit, vmax=limit)
+        ax.set_title(f"{i}", fontsize=7)
+    fig.colorbar(image, ax=axes.tolist(), shrink=0.6, label="weight")
+    shape = "x".join(str(d) for d in filters.shape)
+    fig.suptitle(f"First-layer filters: {layer} ({shape}){subtitle}", fontsize=11)
+    return fig
+
+
+def _mosaic(maps: np.ndarray, columns: int) -> np.ndarray:
+    """(C, H, W) channels tiled into one image, each scaled to [0, 1] on its own, NaN between tiles."""
+    channels, height, width = maps.shape
+    rows = -(-channels // columns)
+    out = np.full((rows * (height + 1) - 1, columns * (width + 1) - 1), np.nan, dtype=np.float32)
+    low = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - low
+    scaled = np.divide(maps - low, span, out=np.zeros_like(maps, dtype=np.float32), where=span > 0)
+    for c in range(channels):
+        r, k = divmod(c, columns)
+        out[r * (height + 1) : r * (height + 1) + height, k * (width + 1) : k * (width + 1) + width] = scaled[c]
+    return out
+
+
+def feature_maps_figure(
+    maps: np.ndarray,
+    images: np.ndarray,
+    captions: Sequence[str],
+    layer: str,
+    kind: str,
+    subtitle: str = "",
+) -> Figure:
+    """One row per image: the image, then every channel of the layer's output for it, tiled."""
+    maps = np.asarray(maps)
+    channels = maps.shape[1]
+    columns = 16 if channels > 32 else 8
+    mosaics = [_mosaic(m, columns) for m in maps]
+    aspect = mosaics[0].shape[1] / mosaics[0].shape[0]
+    fig = Figure(figsize=(1.6 + 2.2 * aspect, 1.5 * len(images) + 0.8), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(images), 2, width_ratios=[1, aspect]))
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
+    for (left, right), image, mosaic, caption in zip(axes, images, mosaics, captions, strict=True):
+        left.imshow(image, cmap="gray", vmin=0, vmax=255)
+        left.set_title(caption, fontsize=8)
+        right.imshow(mosaic, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        left.set_axis_off()
+        right.set_axis_off()
+    shape = "x".join(str(d) for d in maps.shape[1:])
+    fig.suptitle(
+        f"{kind} {layer}: output {shape} (channels x height x width){subtitle}\n"
+        "each channel scaled to its own range (yellow: strongest response)",
+        fontsize=10,
+    )
+    return fig
+
+
+def explanations_figure(
+    images: np.ndarray,
+    overlays: np.ndarray,
+    captions: Sequence[str],
+    colors: Sequence[str],
+    title: str,
+    footer: str,
+    columns: int = 4,
+) -> Figure:
+    return _image_grid(images, captions, colors, columns, title, footer, cell_inches=2.0, overlays=overlays)
+
+
+# --------------------------------------------------------------------------- how far to trust it
+
+
+def reliability_figure(panels: Sequence[tuple[str, object]], subtitle: str = "") -> Figure:
+    """A reliability diagram per (title, calibration.Reliability): accuracy against confidence per bin.
+
+    Bars on the diagonal are a calibrated model; below it, over-confident. The count of images per
+    bin is drawn underneath, on a log scale, since nearly all sit in the last bin.
+    """
+    fig = Figure(figsize=(5.2 * len(panels), 6.2), layout="constrained")
+    grid = fig.subplots(2, len(panels), height_ratios=[3, 1], squeeze=False)
+    for k, (title, rel) in enumerate(panels):
+        ax, counts_ax = grid[0, k], grid[1, k]
+        edges = rel.edges
+        centers = (edges[:-1] + edges[1:]) / 2
+        width = np.diff(edges)
+        used = rel.counts > 0
+        ax.bar(centers[used], rel.accuracy[used], width[used], color="C0", edgecolor="white", label="accuracy")
+        ax.bar(
+            centers[used],
+            rel.confidence[used] - rel.accuracy[used],
+            width[used],
+            bottom=rel.accuracy[used],
+            color=WRONG_COLOR,
+            alpha=0.35,
+            label="gap to confidence",
+        )
+        ax.plot([0, 1], [0, 1], color="black", lw=1, ls="--", label="calibrated")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("accuracy in the bin")
+        ax.set_title(f"{title}: ECE {rel.ece:.2%}", fontsize=10)
+        ax.legend(fontsize=8, loc="upper left")
+        counts_ax.bar(centers, np.maximum(rel.counts, 0), width, color=NOISE_COLOR, edgecolor="white")
+        counts_ax.set_yscale("symlog")
+        counts_ax.set_xlim(0, 1)
+        counts_ax.set_xlabel("confidence (top-class probability)")
+        counts_ax.set_ylabel("images")
+    fig.suptitle(f"Reliability diagram, {int(panels[0][1].counts.sum()):,} test images{subtitle}", fontsize=12)
+    return fig
+
+
+def _per_class_curves(curves, areas, class_names, xlabel, ylabel, title, area_name, diagonal: bool) -> Figure:
+    fig = Figure(figsize=(7.5, 6.5), layout="constrained")
+    ax = fig.subplots()
+    for k, ((x, y), area, name) in enumerate(zip(curves, areas, class_names, strict=True)):
+        ax.plot(x, y, lw=1.3, color=f"C{k % 10}", label=f"{name} ({area_name} {area:.4f})")
+    if diagonal:
+        ax.plot([0, 1], [0, 1], color="black", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(-0.01, 1.01)
+    ax.set_ylim(-0.01, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right" if diagonal else "lower left")
+    fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def roc_figure(ranking, subtitle: str = "") -> Figure:
+    """One-vs-rest ROC curve per class (a `ranking.Ranking`), AUC in the legend."""
+    return _per_class_curves(
+        ranking.roc,
+        ranking.roc_auc,
+        ranking.class_names,
+        "false positive rate",
+        "true positive rate",
+        f"ROC, one class against the rest: macro AUC {ranking.roc_auc.mean():.4f}{subtitle}",
+        "AUC",
+        diagonal=True,
+    )
+
+
+def pr_figure(ranking, subtitle: str = "") -> Figure:
+    """One-vs-rest precision-recall curve per class, average precision in the legend."""
+    return _per_class_curves(
+        ranking.pr,
+        ranking.average_precision,
+        ranking.class_names,
+        "recall",
+        "precision",
+        f"Precision-recall, one class against the rest: mean AP {ranking.average_precision.mean():.4f}{subtitle}",
+        "AP",
+        diagonal=False,
+    )

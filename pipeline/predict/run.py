@@ -137,13 +137,14 @@ def predict(
 
 def run_batches(predictor, inputs, config, writer: TableWriter, summary: PredictSummary, stdin) -> None:
     items = read_inputs(inputs, predictor.image_size, config.invert, stdin)
+    temperature = predictor.temperature
     try:
         for batch in iter_batches(items, config.batch_size, predictor.image_size):
             if len(batch.images):
                 logits = predictor.predict_logits(batch.images)
             else:
                 logits = np.empty((0, len(predictor.class_names)), dtype=np.float32)
-            writer.write(batch_table(batch, logits, predictor.class_names, config.top_k))
+            writer.write(batch_table(batch, logits, predictor.class_names, config.top_k, temperature))
             summary.read += len(batch.sources)
             summary.predicted += len(batch.images)
             summary.failed = summary.read - summary.predicted

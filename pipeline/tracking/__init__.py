@@ -31,8 +31,10 @@ from pipeline.tracking.log import (
     log_table,
 )
 from pipeline.tracking.models import (
+    TEMPERATURE_PARAM,
     download_onnx_model,
     log_onnx_model,
+    log_temperature,
     log_torch_model,
     run_id_for_model,
     run_model_uri,
@@ -151,7 +153,9 @@ __all__ = [
     "log_report",
     "log_study",
     "log_table",
+    "log_temperature",
     "log_torch_model",
+    "TEMPERATURE_PARAM",
     "mark_failed",
     "mark_stage_done",
     "metric_history",
