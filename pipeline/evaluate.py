@@ -194,13 +194,15 @@ def evaluate(
     device: torch.device | str = "cpu",
     logits: torch.Tensor | None = None,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
+    val_logits: torch.Tensor | None = None,
 ) -> Evaluation:
     """Evaluate `model` on uint8 images (N, H, W) with int labels (N,); see `Evaluation`.
 
     `logits`: the model's outputs on `images` if they were already computed (by training's last
     evaluation, in `pipeline run`), so the test set is not run through the model again.
     `validation`: (images, labels) the model was not trained on, to fit a temperature on; None: no
-    temperature (the Evaluation's notes say so).
+    temperature (the Evaluation's notes say so). `val_logits`: the model's outputs on them if already
+    computed (training's last validation, in `pipeline run`).
     """
     if batch_size < 1:
         raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
@@ -220,13 +222,15 @@ def evaluate(
     predictions = logits.argmax(1).cpu().numpy()
     probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
     result = summarize(labels, predictions, probabilities, class_names, test_loss)
-    val_logits = val_labels = None
+    fit_logits = val_labels = None
     if validation is not None and len(validation[1]):
         val_images, val_labels = validation
         check_fits(model, val_images, np.asarray(val_labels, dtype=np.int64), class_names)
-        model = model.to(device)
-        val_logits = compute_logits(model, images_to_tensor(val_images, device), batch_size).float().cpu().numpy()
-    return add_trust(result, logits.float().cpu().numpy(), val_logits, val_labels)
+        if val_logits is None or len(val_logits) != len(val_labels):
+            model = model.to(device)
+            val_logits = compute_logits(model, images_to_tensor(val_images, device), batch_size)
+        fit_logits = val_logits.float().cpu().numpy()
+    return add_trust(result, logits.float().cpu().numpy(), fit_logits, val_labels)
 
 
 def add_trust(

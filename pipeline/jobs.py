@@ -64,6 +64,7 @@ class InProcessModel:
     model: Any  # torch.nn.Module
     class_names: list[str]
     test_logits: Any  # torch.Tensor (test images, classes) on the CPU; None until some stage computes them
+    val_logits: Any = None  # the same on the validation split, from training's last evaluation; None without one
 
     def __post_init__(self) -> None:
         self.model = self.model.cpu()  # where evaluation, export and parity run
@@ -230,7 +231,7 @@ def _fit_and_log(t, callback, run_id: str) -> TrainJob:
     model_uri = tracking.log_torch_model(
         result.model, result.example_input, result.params["class_names"], step=int(result.metrics["steps"])
     )
-    trained = InProcessModel(result.model, list(result.params["class_names"]), result.test_logits)
+    trained = InProcessModel(result.model, list(result.params["class_names"]), result.test_logits, result.val_logits)
     return TrainJob(run_id, result.params["model"], model_uri, result.metrics, in_process=trained)
 
 
@@ -399,6 +400,7 @@ def evaluate_run(
         batch_size,
         logits=logits,
         validation=_validation(run_id, params, data_dir),
+        val_logits=None if in_process is None else in_process.val_logits,
     )
     if explain:
         result.explanations = explain_evaluation(model, split.images, result)
