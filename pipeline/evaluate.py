@@ -195,6 +195,7 @@ def evaluate(
     logits: torch.Tensor | None = None,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     val_logits: torch.Tensor | None = None,
+    temperature: tuple[float, int] | None = None,
 ) -> Evaluation:
     """Evaluate `model` on uint8 images (N, H, W) with int labels (N,); see `Evaluation`.
 
@@ -202,7 +203,8 @@ def evaluate(
     evaluation, in `pipeline run`), so the test set is not run through the model again.
     `validation`: (images, labels) the model was not trained on, to fit a temperature on; None: no
     temperature (the Evaluation's notes say so). `val_logits`: the model's outputs on them if already
-    computed (training's last validation, in `pipeline run`).
+    computed (training's last validation, in `pipeline run`). `temperature`: (T, validation images it
+    was fitted on) when the model already has one: used as it is, nothing is fitted again.
     """
     if batch_size < 1:
         raise PipelineError(f"batch_size must be at least 1, got {batch_size}")
@@ -223,6 +225,8 @@ def evaluate(
     probabilities = torch.softmax(logits.float(), dim=1).cpu().numpy()
     result = summarize(labels, predictions, probabilities, class_names, test_loss)
     fit_logits = val_labels = None
+    if temperature is not None:
+        return add_trust(result, logits.float().cpu().numpy(), temperature=temperature)
     if validation is not None and len(validation[1]):
         val_images, val_labels = validation
         check_fits(model, val_images, np.asarray(val_labels, dtype=np.int64), class_names)
@@ -238,18 +242,23 @@ def add_trust(
     logits: np.ndarray,
     val_logits: np.ndarray | None = None,
     val_labels: np.ndarray | None = None,
+    temperature: tuple[float, int] | None = None,
 ) -> Evaluation:
     """Ranking metrics (ROC, PR, top-2) and calibration (ECE, NLL, Brier; a temperature fitted on the
-    validation logits, when given, and the same after it) into `evaluation`, whose metrics gain them."""
+    validation logits, when given, or the model's own `temperature` (T, images it was fitted on), and
+    the same after it) into `evaluation`, whose metrics gain them."""
     e = evaluation
     e.logits = np.asarray(logits, dtype=np.float32)
     e.ranking = ranking.rank(e.probabilities, e.labels, e.class_names)
     e.metrics |= e.ranking.metrics
     e.metrics |= {f"test_roc_auc_{slug(n)}": float(a) for n, a in zip(e.class_names, e.ranking.roc_auc, strict=True)}
     e.reliability = calibration.reliability_of(calibration.probabilities(logits), e.labels)
-    if val_logits is not None and val_labels is not None and len(val_labels):
+    if temperature is not None:
+        e.temperature, e.validation_images = float(temperature[0]), int(temperature[1])
+    elif val_logits is not None and val_labels is not None and len(val_labels):
         e.temperature = calibration.fit_temperature(val_logits, val_labels)
         e.validation_images = len(val_labels)
+    if e.temperature is not None:
         e.calibrated = calibration.reliability_of(calibration.probabilities(logits, e.temperature), e.labels)
     else:
         e.notes.append("no validation split (val_size 0): no temperature fitted, probabilities left as they are")

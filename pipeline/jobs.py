@@ -392,6 +392,8 @@ def evaluate_run(
     if _reused("evaluate", key, reuse, job_run or run_id, run_id):
         return EvaluateJob(run_id, None, [], reused=True)
     model, class_names, logits = _run_model(run_id, in_process, split.images, batch_size)
+    # A model's temperature is fitted once: evaluating it again uses the one it holds.
+    known = _known_temperature(run_id, params)
     result = evaluate(
         model,
         split.images,
@@ -399,8 +401,9 @@ def evaluate_run(
         class_names,
         batch_size,
         logits=logits,
-        validation=_validation(run_id, params, data_dir),
+        validation=None if known else _validation(run_id, params, data_dir),
         val_logits=None if in_process is None else in_process.val_logits,
+        temperature=known,
     )
     if explain:
         result.explanations = explain_evaluation(model, split.images, result)
@@ -413,13 +416,24 @@ def evaluate_run(
         with tracking.run(run_id=run_id):
             # Inside the run, so a figure that cannot be drawn ends it FAILED; nothing is logged before.
             written = write_report(result, split.images, history, Path(tmp), subtitle)
-            if result.temperature is not None:
+            if result.temperature is not None and known is None:
                 tracking.log_temperature(model, class_names, result.temperature, result.validation_images)
             tracking.log_evaluation(result.metrics, last_step, result.per_class, PER_CLASS_TABLE, Path(tmp), test)
             tracking.mark_stage_done("evaluate", key)
         tracking.finish_stage(run_id, "evaluate")
     names = [path.relative_to(tmp).as_posix() for path in written]
     return EvaluateJob(run_id, result, [f"{PER_CLASS_TABLE} (table)", *names])
+
+
+def _known_temperature(run_id: str, params: dict[str, str]) -> tuple[float, int] | None:
+    """(temperature, validation images it was fitted on) when an earlier evaluation fitted one, else None."""
+    from pipeline import tracking
+    from pipeline.onnx_contract import parse_temperature
+
+    value = params.get(tracking.TEMPERATURE_PARAM)
+    if value is None:
+        return None
+    return parse_temperature(value, f"run {run_id}"), int(params.get("temperature_fit_images") or 0)
 
 
 def _validation(run_id: str, params: dict[str, str], data_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:

@@ -439,13 +439,19 @@ def test_a_figure_that_cannot_be_drawn_fails_the_run_before_anything_is_logged(d
 
     mlflow.set_tracking_uri(dnn_with_validation["store"])
     run_id = dnn_with_validation["run_id"]
+    args = ["evaluate", "--run-id", run_id, "--data-dir", str(dnn_with_validation["data_dir"]), "--no-explain"]
+    # First, evaluating again works and keeps the model's temperature (fitted once, never refitted).
+    first = mlflow.get_run(run_id)
+    result = CliRunner().invoke(cli, args, env=dnn_with_validation["env"])
+    assert result.exit_code == 0, result.output
     before = mlflow.get_run(run_id)
+    assert before.data.params["temperature"] == first.data.params["temperature"]
+    assert before.data.metrics["test_ece_calibrated"] == pytest.approx(first.data.metrics["test_ece_calibrated"])
 
     def broken(*args, **kwargs):
         raise ValueError("Image size of 99999x99999 pixels is too large.\nIt must be less than 2^16")
 
     monkeypatch.setattr(figures, "roc_figure", broken)
-    args = ["evaluate", "--run-id", run_id, "--data-dir", str(dnn_with_validation["data_dir"]), "--no-explain"]
     result = CliRunner().invoke(cli, args, env=dnn_with_validation["env"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.output.strip().splitlines() == [
@@ -454,5 +460,5 @@ def test_a_figure_that_cannot_be_drawn_fails_the_run_before_anything_is_logged(d
     ]
     after = mlflow.get_run(run_id)
     assert after.info.status == "FAILED"
-    history = mlflow.MlflowClient().get_metric_history(run_id, "test_ece")
-    assert len(history) == len(mlflow.MlflowClient().get_metric_history(before.info.run_id, "test_ece")) == 1
+    # Nothing of the failed evaluation was logged: test_ece has the two values of the two good ones.
+    assert len(mlflow.MlflowClient().get_metric_history(run_id, "test_ece")) == 2
