@@ -258,6 +258,13 @@ def add_trust(
     elif val_logits is not None and val_labels is not None and len(val_labels):
         e.temperature = calibration.fit_temperature(val_logits, val_labels)
         e.validation_images = len(val_labels)
+        low, high = calibration.TEMPERATURE_RANGE
+        if not low * 1.001 < e.temperature < high / 1.001:
+            e.notes.append(
+                f"the temperature stopped at the end of its range ({e.temperature:.3g}; range {low:g} to {high:g}): "
+                "the validation split is classified all right (the NLL keeps falling as T shrinks) or the model "
+                "is no better than chance there"
+            )
     if e.temperature is not None:
         e.calibrated = calibration.reliability_of(calibration.probabilities(logits, e.temperature), e.labels)
     else:

@@ -387,6 +387,8 @@ def test_a_model_without_convolutions_gets_saliency_and_no_filter_figures(dnn_wi
     top = {a.path for a in client.list_artifacts(run_id)}
     assert "layers" not in top and EXPLAIN_FOLDER in top
     assert dnn_with_validation["output"].count("has no convolutions: gradient saliency maps") == 1
+    # The synthetic validation images are all classified right: the NLL falls all the way to the bound.
+    assert "the temperature stopped at the end of its range (0.05" in dnn_with_validation["output"]
 
 
 def test_the_temperature_calibrates_the_exported_model_and_predict(dnn_with_validation, tmp_path, monkeypatch):
@@ -429,6 +431,9 @@ def test_the_temperature_calibrates_the_exported_model_and_predict(dnn_with_vali
     outputs = np.load(_download(run_id, "test_outputs.npz", tmp_path))
     labels = outputs["labels"]
     assert calibration.ece(probs, labels) == pytest.approx(metrics["test_ece_calibrated"], abs=1e-4)
+    # Image by image: predict's probabilities are softmax(logits / T) of evaluate's logits, not softmax(logits).
+    assert probs == pytest.approx(calibration.probabilities(outputs["logits"], temperature), abs=1e-5)
+    assert not np.allclose(probs, calibration.probabilities(outputs["logits"]), atol=1e-2)
     assert table["confidence"].to_numpy() == pytest.approx(probs.max(1), abs=1e-6)
 
 
