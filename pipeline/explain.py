@@ -69,7 +69,13 @@ class FeatureMaps:
 
 
 def feature_maps(model: nn.Module, inputs: torch.Tensor) -> list[FeatureMaps]:
-    """The output of every convolution and pooling layer for `inputs` (N, 1, H, W), one forward pass."""
+    """The output of every convolution and pooling layer for `inputs` (N, 1, H, W), one forward pass,
+    in the order the forward pass runs them; a module called twice (one `self.pool` after each
+    convolution) gives two entries.
+
+    Forward hooks, not Captum's LayerActivation: measured on such a model, LayerActivation returns only
+    the last output of a module used twice and orders outputs as listed, not as run.
+    """
     found: list[FeatureMaps] = []
     hooks = []
 

@@ -210,6 +210,24 @@ def test_layers_are_found_by_walking_the_module_whatever_their_names():
     assert maps.shape == (3, 28, 28) and (maps >= 0).all()  # ReLU'd Grad-CAM, upsampled to the input
 
 
+class SharedPool(nn.Module):
+    """One pooling module used after both convolutions, a common way to write a CNN."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 8, 3, padding=1)
+        self.pool = nn.MaxPool2d(2)
+        self.fc = nn.Linear(8 * 7 * 7, 10)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.c2(self.pool(self.c1(x)))).flatten(1))
+
+
+def test_a_pooling_module_used_twice_gives_both_feature_maps_in_the_order_they_run():
+    found = [(m.layer, m.shape) for m in explain.feature_maps(SharedPool(), torch.rand(2, 1, 28, 28))]
+    assert found == [("c1", (4, 28, 28)), ("pool", (4, 14, 14)), ("c2", (8, 14, 14)), ("pool", (8, 7, 7))]
+
+
 def test_a_model_without_convolutions_gets_a_saliency_map_and_no_filters():
     model = build_model("dnn")
     inputs = torch.rand(2, 1, 28, 28)
