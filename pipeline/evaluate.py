@@ -491,6 +491,7 @@ def explanation_figures(e: Evaluation, images: np.ndarray, subtitle: str) -> dic
     captions = [
         f"{'most' if k % 2 == 0 else 'least'} sure: {names[e.labels[i]]}\n"
         f"#{i} ({figures.confidence(e.probabilities[i, e.predictions[i]])})"
+        + (", map empty" if not x.confident_maps[k].any() else "")
         for k, i in enumerate(x.confident)
     ]
     drawn[f"{EXPLAIN_FOLDER}/{EXPLAINED_CORRECT}"] = lambda: figures.explanations_figure(
