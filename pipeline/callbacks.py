@@ -22,6 +22,8 @@ class TrainResult:
     example_input: np.ndarray  # two test (else validation) images, float32 (2, 1, 28, 28): for model signatures
     # The final model's logits on the whole test set (CPU), when its last evaluation included the test set.
     test_logits: torch.Tensor | None = None
+    # The same for the validation split (evaluate fits its calibration temperature on them).
+    val_logits: torch.Tensor | None = None
 
 
 class TrainCallback:

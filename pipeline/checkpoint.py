@@ -34,17 +34,26 @@ def _why_unusable(exc: Exception) -> str:
     return line if len(line) <= 300 else line[:297] + "..."
 
 
-def save_checkpoint(model: nn.Module, path, class_names: list[str] | tuple[str, ...]) -> None:
-    """Weights plus what it takes to rebuild the module: its registry name and input shape."""
-    torch.save(
-        {
-            "model": model.registry_name,
-            "input_shape": list(model.input_shape),
-            "class_names": list(class_names),
-            "state_dict": model.state_dict(),
-        },
-        path,
-    )
+def save_checkpoint(
+    model: nn.Module, path, class_names: list[str] | tuple[str, ...], temperature: float | None = None
+) -> None:
+    """Weights plus what it takes to rebuild the module: its registry name and input shape, and the
+    calibration temperature once `pipeline evaluate` has fitted one (read back by `checkpoint_temperature`)."""
+    checkpoint = {
+        "model": model.registry_name,
+        "input_shape": list(model.input_shape),
+        "class_names": list(class_names),
+        "state_dict": model.state_dict(),
+    }
+    if temperature is not None:
+        checkpoint["temperature"] = float(temperature)
+    torch.save(checkpoint, path)
+
+
+def checkpoint_temperature(path) -> float | None:
+    """The temperature a checkpoint holds (softmax(logits / T) is calibrated), None when it has none."""
+    value = torch.load(path, map_location="cpu", weights_only=True).get("temperature")
+    return None if value is None else float(value)
 
 
 def load_checkpoint(path) -> tuple[nn.Module, list[str]]:

@@ -179,6 +179,7 @@ def _echo_trained(job: jobs.TrainJob) -> None:
 @cli_args.train_settings
 @cli_args.QUANTIZE
 @cli_args.REUSE
+@cli_args.EXPLAIN
 @click.option(
     "--register",
     is_flag=True,
@@ -188,7 +189,7 @@ def _echo_trained(job: jobs.TrainJob) -> None:
     "(`mlflow run . -P register=true` sets it).",
 )
 @cli_args.EXPERIMENT
-def run_command(quantize: str, reuse: bool, register: bool, experiment: str | None, **settings) -> None:
+def run_command(quantize: str, reuse: bool, explain: bool, register: bool, experiment: str | None, **settings) -> None:
     """The whole job in one process: download, train, evaluate, export-onnx + parity (, register).
 
     What `mlflow run .` runs; the same as the five commands one after the other, into one run,
@@ -202,7 +203,9 @@ def run_command(quantize: str, reuse: bool, register: bool, experiment: str | No
         "export-onnx": _echo_export,
         "register": _echo_registration,
     }
-    job = jobs.run_pipeline(config, experiment, quantize, reuse, register, report=lambda stage, r: echo[stage](r))
+    job = jobs.run_pipeline(
+        config, experiment, quantize, reuse, register, report=lambda stage, r: echo[stage](r), explain=explain
+    )
     exported = job.stages["export-onnx"]
     if exported.failures:
         raise PipelineError("\n".join(exported.failures))
@@ -339,8 +342,13 @@ def tune_command(
     help="Test images per forward pass.",
 )
 @cli_args.REUSE
-def evaluate_command(run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int, reuse: bool) -> None:
-    """Per-class accuracy, confusion matrix and figures on the test set, logged into the run."""
+@cli_args.EXPLAIN
+def evaluate_command(
+    run_id: str | None, model_uri: str | None, data_dir: Path, batch_size: int, reuse: bool, explain: bool
+) -> None:
+    """Per-class accuracy, confusion matrix, calibration (temperature scaling on the validation split),
+    ROC and precision-recall curves, and what the model learned (filters, feature maps, Grad-CAM),
+    on the test set, logged into the run."""
     # Inside `mlflow run`, MLFLOW_RUN_ID fills --run-id; an explicit --model-uri still wins.
     run_id_from_env = (
         click.get_current_context().get_parameter_source("run_id") == click.core.ParameterSource.ENVIRONMENT
@@ -349,7 +357,9 @@ def evaluate_command(run_id: str | None, model_uri: str | None, data_dir: Path, 
         raise PipelineError("give --run-id or --model-uri, not both")
     if not (model_uri or run_id):
         raise PipelineError("which model? give --run-id ID (list runs with `make ui`) or --model-uri URI")
-    _echo_evaluation(jobs.evaluate_run(None if model_uri else run_id, model_uri, data_dir, batch_size, reuse))
+    _echo_evaluation(
+        jobs.evaluate_run(None if model_uri else run_id, model_uri, data_dir, batch_size, reuse, explain=explain)
+    )
 
 
 def _echo_evaluation(job: jobs.EvaluateJob) -> None:
@@ -359,6 +369,8 @@ def _echo_evaluation(job: jobs.EvaluateJob) -> None:
         click.echo(f"Reused evaluate: run {job.run_id} was evaluated with the same test data and git commit.")
         return
     click.echo(format_evaluation(job.evaluation))
+    for note in job.evaluation.notes:
+        click.echo(f"Note: {note}")
     click.echo(f"\nLogged into run {job.run_id}: {len(job.evaluation.metrics)} metrics; {', '.join(job.artifacts)}")
 
 

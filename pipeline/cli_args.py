@@ -179,6 +179,15 @@ REUSE = click.option(
     "git commit, and use its outputs (`mlflow run . -P reuse=true` sets it for every stage).",
 )
 
+EXPLAIN = click.option(
+    "--explain/--no-explain",
+    default=True,
+    show_default=True,
+    help="Draw what the model learned: first-layer filters, feature maps after each convolution and pooling, "
+    "Grad-CAM (saliency for a model without convolutions) on mistakes and right answers. --no-explain skips "
+    "them for quick runs; calibration and ranking metrics are computed either way.",
+)
+
 QUANTIZE = click.option(
     "--quantize",
     type=click.Choice(["none", "int8"]),

@@ -32,6 +32,11 @@ if TYPE_CHECKING:
 
 KEY_PARAMS = ("epochs", "max_steps", "batch_size", "lr", "seed")
 OVERALL_METRICS = ("test_accuracy", "test_loss", "test_macro_f1")
+# How far to trust each model (pipeline evaluate's calibration and ranking): compared run against
+# baseline too. Only top-2 accuracy is a proportion of test images and gets a binomial noise margin;
+# ECE, NLL and ROC-AUC have no such closed form, so their differences are shown without one.
+TRUST_METRICS = ("test_ece", "test_ece_calibrated", "test_nll", "test_macro_roc_auc", "test_top2_accuracy")
+PROPORTION_METRICS = ("test_top2_accuracy",)
 Z_95 = 1.96
 COMPARE_CSV = "compare.csv"
 COMPARE_PNG = "per_class_accuracy.png"
@@ -295,7 +300,7 @@ def side_by_side(c: Comparison) -> pd.DataFrame:
         for v in map(_num, runs.get("params.num_parameters", pd.Series([None] * len(runs))))
     ]
     rows["wall_time_s"] = [_num(v) for v in runs.get("metrics.wall_time_s", pd.Series([None] * len(runs)))]
-    for metric in OVERALL_METRICS:
+    for metric in OVERALL_METRICS + TRUST_METRICS:
         rows[metric] = [_num(v) for v in runs.get(f"metrics.{metric}", pd.Series([None] * len(runs)))]
     for name in c.class_names:
         rows[class_metric(name)] = list(c.accuracy.loc[name])
@@ -313,6 +318,14 @@ def side_by_side(c: Comparison) -> pd.DataFrame:
                 c.deltas.at[name, column],
                 c.margins.at[name, column],
             )
+        other = c.labels[list(c.deltas.columns).index(column) + 1]
+        base = c.labels[0]
+        sizes = runs.get("params.test_size", pd.Series([None] * len(runs))).map(_num).tolist()
+        for metric in TRUST_METRICS:
+            delta[metric] = table.at[metric, other] - table.at[metric, base]
+            if metric in PROPORTION_METRICS:
+                i = c.labels.index(other)
+                margin[metric] = binomial_margin(table.at[metric, base], sizes[0], table.at[metric, other], sizes[i])
         table[column] = delta
         table[f"±95% {column}"] = margin
     return table
@@ -321,7 +334,8 @@ def side_by_side(c: Comparison) -> pd.DataFrame:
 def format_comparison(c: Comparison) -> str:
     """The side-by-side table for a terminal: percentages, per-class rows named by class."""
     names = {class_metric(name): name for name in c.class_names}
-    percent_rows = {"test_accuracy", "test_macro_f1", *names}
+    percent_rows = {"test_accuracy", "test_macro_f1", "test_ece", "test_ece_calibrated", "test_top2_accuracy", *names}
+    plain_rows = {"test_nll", "test_macro_roc_auc"}  # not proportions: differences in their own units
     headers = list(c.labels) + list(c.deltas.columns)
     cells: list[list[str]] = []
     for field in c.table.index:
@@ -333,19 +347,21 @@ def format_comparison(c: Comparison) -> str:
             if field == "run_id":
                 row.append(str(value)[:8])
             elif field in percent_rows:
-                row.append(f"{value:.2%}")
+                row.append("" if math.isnan(value) else f"{value:.2%}")
             elif field == "num_parameters":
                 row.append(f"{value:,}" if value is not None else "")
             elif field == "wall_time_s":
                 row.append(f"{value:.1f}")
-            elif field == "test_loss":
-                row.append(f"{value:.4f}")
+            elif field == "test_loss" or field in plain_rows:
+                row.append("" if math.isnan(value) else f"{value:.4f}")
             else:
                 row.append("" if value is None or (isinstance(value, float) and math.isnan(value)) else str(value))
         for column in c.deltas.columns:
             delta, margin = c.table.at[field, column], c.table.at[field, f"±95% {column}"]
             if math.isnan(delta):
                 row.append("")
+            elif field in plain_rows:
+                row.append(f"{delta:+.4f}")
             else:
                 noise = "" if math.isnan(margin) else f" ±{100 * margin:.1f}"
                 row.append(f"{100 * delta:+.2f}{noise} pp")

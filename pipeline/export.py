@@ -34,6 +34,7 @@ from pipeline.onnx_contract import (
     ONNX_INPUT_NAME,
     ONNX_METADATA_KEYS,
     ONNX_OUTPUT_NAME,
+    TEMPERATURE_KEY,
     ContractSession,
     read_metadata,
     to_unit_range,
@@ -285,8 +286,12 @@ def export_onnx(
     source_run_id: str,
     opset: int | None = None,
     fold: bool = FOLD_BY_DEFAULT,
+    temperature: float | None = None,
 ) -> Path:
     """Export `model` in eval mode to one checked .onnx file at `path`; returns the path.
+
+    `temperature`: the calibration `pipeline evaluate` fitted, kept in the metadata (TEMPERATURE_KEY)
+    for the predictor's softmax; the graph still outputs the raw logits.
 
     The batch dimension is dynamic; the other input dims come from `model.input_shape`.
     With `fold`, a folded copy (`fold_for_inference`) is exported and the metadata says what
@@ -331,6 +336,8 @@ def export_onnx(
     metadata[FOLDED_KEY] = "true" if fold else "false"
     if folds is not None:
         metadata[FOLDED_LAYERS_KEY] = folds.describe()
+    if temperature is not None:
+        metadata[TEMPERATURE_KEY] = repr(float(temperature))
     onnx.helper.set_model_props(proto, metadata)
     proto.doc_string = f"{model_name} Fashion-MNIST classifier exported from MLflow run {source_run_id}"
     return save_checked(proto, path)

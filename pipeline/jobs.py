@@ -64,6 +64,7 @@ class InProcessModel:
     model: Any  # torch.nn.Module
     class_names: list[str]
     test_logits: Any  # torch.Tensor (test images, classes) on the CPU; None until some stage computes them
+    val_logits: Any = None  # the same on the validation split, from training's last evaluation; None without one
 
     def __post_init__(self) -> None:
         self.model = self.model.cpu()  # where evaluation, export and parity run
@@ -230,7 +231,7 @@ def _fit_and_log(t, callback, run_id: str) -> TrainJob:
     model_uri = tracking.log_torch_model(
         result.model, result.example_input, result.params["class_names"], step=int(result.metrics["steps"])
     )
-    trained = InProcessModel(result.model, list(result.params["class_names"]), result.test_logits)
+    trained = InProcessModel(result.model, list(result.params["class_names"]), result.test_logits, result.val_logits)
     return TrainJob(run_id, result.params["model"], model_uri, result.metrics, in_process=trained)
 
 
@@ -362,39 +363,97 @@ def evaluate_run(
     batch_size: int,
     reuse: bool = False,
     in_process: InProcessModel | None = None,
+    explain: bool = True,
 ) -> EvaluateJob:
     """Evaluate a run's model (or the run that logged `model_uri`) on the test set, logged into that run.
 
+    Besides the per-class table: ranking metrics, calibration (a temperature fitted on the run's
+    validation split, logged as the param `temperature`), and with `explain` the filters, feature
+    maps and Grad-CAM figures. A figure that cannot be drawn fails the stage and the run (FAILED)
+    before anything is logged.
     With `reuse`, an evaluation the run already has (same batch size, test data and git commit) stands.
     `in_process`: the run's model as this process trained it, used instead of loading it from the store.
     """
     from pipeline import tracking
     from pipeline.data import load_split
-    from pipeline.evaluate import CURVE_METRICS, PER_CLASS_TABLE, evaluate, write_report
+    from pipeline.evaluate import (
+        CURVE_METRICS,
+        PER_CLASS_TABLE,
+        check_fits,
+        evaluate,
+        explain_evaluation,
+        write_report,
+    )
 
     quiet_known_warnings()
     tracking.connect()
     job_run = run_id
     run_id = tracking.run_id_for_model(model_uri) if model_uri else tracking.model_run(run_id)
     split = load_split(data_dir, "test")
-    check_same_data(run_id, tracking.get_run(run_id).params, split.digests, data_dir)
-    key = tracking.stage_key("evaluate", {"run_id": run_id, "batch_size": batch_size, **split.digests})
+    params = tracking.get_run(run_id).params
+    settings = {"run_id": run_id, "batch_size": batch_size, **split.digests}
+    if not explain:
+        settings["explain"] = False  # keys of evaluations with explanations stay as they were
+    key = tracking.stage_key("evaluate", settings)
     if _reused("evaluate", key, reuse, job_run or run_id, run_id):
         return EvaluateJob(run_id, None, [], reused=True)
     model, class_names, logits = _run_model(run_id, in_process, split.images, batch_size)
-    result = evaluate(model, split.images, split.labels, class_names, batch_size, logits=logits)
+    check_fits(model, split.images, split.labels, class_names)  # the most specific refusal first: image size
+    check_same_data(run_id, params, split.digests, data_dir)
+    # A model's temperature is fitted once: evaluating it again uses the one it holds.
+    known = _known_temperature(run_id, params)
+    result = evaluate(
+        model,
+        split.images,
+        split.labels,
+        class_names,
+        batch_size,
+        logits=logits,
+        validation=None if known else _validation(run_id, params, data_dir),
+        val_logits=None if in_process is None else in_process.val_logits,
+        temperature=known,
+    )
+    if explain:
+        result.explanations = explain_evaluation(model, split.images, result)
     history = tracking.metric_history(run_id, CURVE_METRICS)
     # Logged at the run's last training step, so these become the run's latest values.
     last_step = int(history["step"].max()) if len(history) else 0
     with tempfile.TemporaryDirectory() as tmp:
         subtitle = f" · {getattr(model, 'registry_name', type(model).__name__)} run {run_id[:8]}"
-        written = write_report(result, split.images, history, Path(tmp), subtitle)
         test = _data_split("test", data_dir, split.digests, len(split.labels))
         with tracking.run(run_id=run_id):
+            # Inside the run, so a figure that cannot be drawn ends it FAILED; nothing is logged before.
+            written = write_report(result, split.images, history, Path(tmp), subtitle)
+            if result.temperature is not None and known is None:
+                tracking.log_temperature(model, class_names, result.temperature, result.validation_images)
             tracking.log_evaluation(result.metrics, last_step, result.per_class, PER_CLASS_TABLE, Path(tmp), test)
             tracking.mark_stage_done("evaluate", key)
         tracking.finish_stage(run_id, "evaluate")
-    return EvaluateJob(run_id, result, [f"{PER_CLASS_TABLE} (table)", *(path.name for path in written)])
+    names = [path.relative_to(tmp).as_posix() for path in written]
+    return EvaluateJob(run_id, result, [f"{PER_CLASS_TABLE} (table)", *names])
+
+
+def _known_temperature(run_id: str, params: dict[str, str]) -> tuple[float, int] | None:
+    """(temperature, validation images it was fitted on) when an earlier evaluation fitted one, else None."""
+    from pipeline import tracking
+    from pipeline.onnx_contract import parse_temperature
+
+    value = params.get(tracking.TEMPERATURE_PARAM)
+    if value is None:
+        return None
+    return parse_temperature(value, f"run {run_id}"), int(params.get("temperature_fit_images") or 0)
+
+
+def _validation(run_id: str, params: dict[str, str], data_dir: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The run's validation split (the LAST val_size images of the training file), or None without one."""
+    from pipeline.data import load_split
+
+    val_size = int(params.get("val_size") or 0)
+    if not val_size:
+        return None
+    train = load_split(data_dir, "train")
+    check_same_data(run_id, params, train.digests, data_dir)
+    return train.images[-val_size:], train.labels[-val_size:]
 
 
 # ----------------------------------------------------------------- compare
@@ -528,9 +587,17 @@ def export_run(
     tracking.connect()
     job_run, run_id = run_id, tracking.model_run(run_id)
     fold = export.FOLD_BY_DEFAULT if fold is None else fold
+    from pipeline.onnx_contract import parse_temperature
+
     test = load_split(data_dir, "test")
-    check_same_data(run_id, tracking.get_run(run_id).params, test.digests, data_dir)
+    params = tracking.get_run(run_id).params
+    check_same_data(run_id, params, test.digests, data_dir)
+    # The calibration `pipeline evaluate` fitted, if it did: into the ONNX metadata, for the predictor.
+    temperature = params.get(tracking.TEMPERATURE_PARAM)
+    temperature = None if temperature is None else parse_temperature(temperature, f"run {run_id}")
     settings = {"run_id": run_id, "opset": opset, "quantize": quantize, "fold": fold, **test.digests}
+    if temperature is not None:
+        settings["temperature"] = temperature  # keys of exports without one stay as they were
     key = tracking.stage_key("export", settings)
     if earlier := _reused("export", key, reuse and not output, job_run, run_id):
         variants = ["fp32", "int8"] if quantize == "int8" else ["fp32"]
@@ -553,6 +620,7 @@ def export_run(
             run_id,
             opset,
             fold=fold,
+            temperature=temperature,
         )
         paths = {"fp32": fp32_path}
         job = ExportJob(
@@ -757,6 +825,7 @@ def run_pipeline(
     reuse: bool = False,
     register: bool = False,
     report: Callable[[str, Any], Any] = lambda stage, result: None,
+    explain: bool = True,
 ) -> PipelineJob:
     """download -> train -> evaluate -> export-onnx + parity (-> register), in ONE process and one run.
 
@@ -780,7 +849,7 @@ def run_pipeline(
     done("download", None if config.allow_other_data else download_data(config.data_dir, None, DOWNLOAD_TIMEOUT_S))
     trained = done("train", train_model(config, experiment, reuse))
     run_id, in_process = trained.job_run_id, trained.in_process
-    done("evaluate", evaluate_run(run_id, None, config.data_dir, config.eval_batch_size, reuse, in_process))
+    done("evaluate", evaluate_run(run_id, None, config.data_dir, config.eval_batch_size, reuse, in_process, explain))
     exported = done("export-onnx", export_run(run_id, None, None, quantize, None, config.data_dir, reuse, in_process))
     if register and not exported.failures:
         done("register", register_run(run_id))

@@ -32,6 +32,10 @@ ONNX_METADATA_KEYS = (
     "onnx_version",
 )
 INPUT_SCALING = "[0, 1] (uint8 pixel / 255)"
+# An extra key, written when `pipeline evaluate` fitted a temperature on the validation split: the
+# graph still outputs the raw logits (so parity compares logits), and the predictor's probabilities
+# are softmax(logits / temperature), calibrated. A model without it is read with temperature 1.
+TEMPERATURE_KEY = "temperature"
 
 # A division, as ToTensor() does it: multiplying by 1/255 rounds differently in the last bit.
 _PIXEL_MAX = np.float32(255.0)
@@ -165,6 +169,12 @@ class ContractSession:
     def metadata(self) -> dict[str, str]:
         return session_metadata(self.session)
 
+    @property
+    def temperature(self) -> float:
+        """The logits' divisor before the softmax (TEMPERATURE_KEY), 1.0 when the model has none."""
+        value = self.session.get_modelmeta().custom_metadata_map.get(TEMPERATURE_KEY)
+        return 1.0 if value is None else parse_temperature(value, str(self.path))
+
     def predict_logits(self, batch: np.ndarray) -> np.ndarray:
         """float32 (N, 1, H, W) in [0, 1] -> float32 logits (N, num_classes), one session run."""
         return self.session.run([self.output_name], {self.input_name: batch})[0]
@@ -176,3 +186,14 @@ class ContractSession:
         return np.concatenate(
             [self.predict_logits(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)]
         )
+
+
+def parse_temperature(value: object, where: str) -> float:
+    """A temperature read from a file or a run: a positive finite number, or a one-line error naming `where`."""
+    try:
+        temperature = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise PipelineError(f"{where}: temperature {value!r} is not a number") from None
+    if not (np.isfinite(temperature) and temperature > 0):
+        raise PipelineError(f"{where}: temperature {value!r} must be a positive finite number")
+    return temperature

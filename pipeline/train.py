@@ -116,6 +116,7 @@ class Trainer:
     epoch_shuffle: torch.Tensor | None = None
     epoch_loss: float = 0.0
     test_logits: torch.Tensor | None = None  # from the latest test evaluation
+    val_logits: torch.Tensor | None = None  # from the latest validation evaluation
     window_loss: float = 0.0  # since the last on_log
     window_steps: int = 0
     world: distributed.World = field(default_factory=distributed.World)  # one process unless torchrun started it
@@ -344,9 +345,8 @@ def run_epoch(t: Trainer, callbacks: list[TrainCallback] = ()) -> dict[str, floa
     if t.world.is_main:  # evaluated once, by rank 0, not once per rank
         evaluated = distributed.unwrap(model)
         if t.val_x is not None:
-            metrics.update(
-                loss_and_accuracy(compute_logits(evaluated, t.val_x, config.eval_batch_size), t.val_y, "val")
-            )
+            t.val_logits = compute_logits(evaluated, t.val_x, config.eval_batch_size)
+            metrics.update(loss_and_accuracy(t.val_logits, t.val_y, "val"))
         if config.test_eval == "epoch" or (config.test_eval == "end" and t.done):
             t.test_logits = compute_logits(evaluated, t.test_x, config.eval_batch_size)
             metrics.update(loss_and_accuracy(t.test_logits, t.test_y))
@@ -464,6 +464,7 @@ def fit(t: Trainer, callbacks: list[TrainCallback] = ()) -> TrainResult:
         history=t.history,
         example_input=example,
         test_logits=t.test_logits.cpu() if evaluated_last else None,
+        val_logits=t.val_logits.cpu() if t.val_logits is not None and "val_accuracy" in t.history[-1] else None,
     )
     for cb in callbacks:
         cb.on_train_end(result)

@@ -140,7 +140,9 @@ def two_runs(synthetic_data_dir, tmp_path_factory):
     run_ids["unevaluated"] = result.output.split("Run id:")[1].split()[0]
     for model in ("dnn", "cnn"):
         result = runner.invoke(
-            cli, ["evaluate", "--run-id", run_ids[model], "--data-dir", str(synthetic_data_dir)], env=env
+            cli,
+            ["evaluate", "--run-id", run_ids[model], "--no-explain", "--data-dir", str(synthetic_data_dir)],
+            env=env,
         )
         assert result.exit_code == 0, result.output
     return {"env": env, "run_ids": run_ids}

@@ -330,7 +330,7 @@ def test_reuse_skips_stages_a_finished_run_did_the_same_way(synthetic_data_dir, 
         env = {"MLFLOW_RUN_ID": job_run, "PIPELINE_REUSE": "true"}
         commands = {
             "train": [*TRAIN_ARGS, "--max-steps", "6", *train_extra],
-            "evaluate": ["evaluate"],
+            "evaluate": ["evaluate", "--no-explain"],
             "export-onnx": ["export-onnx", "--no-fold"],
         }
         outputs = []

@@ -293,3 +293,177 @@ def test_evaluating_again_replaces_the_ui_table(evaluated, use_trained_run):
     # mlflow.log_table alone would append: 20 rows after two evaluations.
     table = mlflow.load_table("per_class.json", run_ids=[evaluated["run_id"]])
     assert table["class_name"].tolist() == list(CLASS_NAMES)
+
+
+# --------------------------------------------------------------------------- how far to trust it, end to end
+
+TRUST_METRICS = (
+    "test_ece",
+    "test_nll",
+    "test_brier",
+    "test_macro_roc_auc",
+    "test_macro_average_precision",
+    "test_top2_accuracy",
+)
+
+
+def _download(run_id: str, path: str, folder) -> str:
+    import mlflow
+
+    return mlflow.MlflowClient().download_artifacts(run_id, path, str(folder))
+
+
+def test_evaluate_logs_calibration_ranking_and_what_the_cnn_learned(evaluated, use_trained_run, tmp_path):
+    import mlflow
+
+    from pipeline.evaluate import EXPLAIN_FOLDER, LAYERS_FOLDER, TEST_OUTPUTS, TRUST_FIGURES
+
+    run_id = evaluated["run_id"]
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    for key in TRUST_METRICS:
+        assert key in run.data.metrics, key
+    assert "test_ece_calibrated" not in run.data.metrics and "temperature" not in run.data.params
+    # Said once, not an error: the session run was trained without a validation split.
+    assert evaluated["output"].count("no temperature fitted") == 1
+    assert "no validation split: no temperature fitted" in run.data.tags["mlflow.note.content"]
+    # Linked to the PyTorch LoggedModel, as the per-class metrics are.
+    model_id = run.outputs.model_outputs[0].model_id
+    linked = {m.key for m in mlflow.get_logged_model(model_id).metrics}
+    assert set(TRUST_METRICS) <= linked
+
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert set(TRUST_FIGURES) | {TEST_OUTPUTS, LAYERS_FOLDER, EXPLAIN_FOLDER} <= top
+    layers = sorted(a.path.split("/")[-1] for a in client.list_artifacts(run_id, LAYERS_FOLDER))
+    assert layers == [
+        "00_filters_layer1.0_32x1x3x3.png",
+        "01_conv2d_layer1.0_32x28x28.png",
+        "02_maxpool2d_layer1.3_32x14x14.png",
+        "03_conv2d_layer2.0_64x12x12.png",
+        "04_maxpool2d_layer2.3_64x6x6.png",
+    ]
+    explained = sorted(a.path.split("/")[-1] for a in client.list_artifacts(run_id, EXPLAIN_FOLDER))
+    assert explained == ["explained_correct.png", "explained_mistakes.png"]
+    with Image.open(_download(run_id, f"{EXPLAIN_FOLDER}/explained_correct.png", tmp_path)) as image:
+        assert image.format == "PNG" and image.width > 300
+
+    # The logged ranking metrics recounted from the logged probabilities, pair by pair.
+    outputs = np.load(_download(run_id, TEST_OUTPUTS, tmp_path))
+    probs, labels = outputs["probabilities"], outputs["labels"]
+    assert probs.shape == (200, 10) and np.allclose(probs.sum(1), 1, atol=1e-5)
+    aucs = []
+    for k in range(10):
+        pos, neg = probs[labels == k, k], probs[labels != k, k]
+        aucs.append(((pos[:, None] > neg).sum() + 0.5 * (pos[:, None] == neg).sum()) / (len(pos) * len(neg)))
+    true_rank = (probs > probs[np.arange(len(labels)), labels][:, None]).sum(1)
+    assert run.data.metrics["test_macro_roc_auc"] == pytest.approx(np.mean(aucs), abs=1e-9)
+    assert run.data.metrics["test_top2_accuracy"] == pytest.approx((true_rank < 2).mean(), abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def dnn_with_validation(synthetic_data_dir, tmp_path_factory, empty_store):
+    """`pipeline run` of the DNN (no convolutions) with a validation split, into a store of its own:
+    train, evaluate (temperature fitted on the last 100 training images), export-onnx."""
+    import shutil
+
+    folder = tmp_path_factory.mktemp("dnn_store")
+    shutil.copyfile(empty_store, folder / "mlflow.db")
+    store = f"sqlite:///{folder / 'mlflow.db'}"
+    env = {"MLFLOW_TRACKING_URI": store, "MLFLOW_EXPERIMENT_NAME": "tests", "MLFLOW_RUN_ID": None}
+    args = ["run", "--model", "dnn", "--epochs", "2", "--val-size", "100", "--allow-other-data"]
+    result = CliRunner().invoke(cli, [*args, "--data-dir", str(synthetic_data_dir)], env=env)
+    assert result.exit_code == 0, result.output
+    run_id = result.output.split("Run id:")[1].split()[0]
+    return {"run_id": run_id, "store": store, "env": env, "data_dir": synthetic_data_dir, "output": result.output}
+
+
+def test_a_model_without_convolutions_gets_saliency_and_no_filter_figures(dnn_with_validation):
+    import mlflow
+
+    from pipeline.evaluate import EXPLAIN_FOLDER
+
+    mlflow.set_tracking_uri(dnn_with_validation["store"])
+    run_id, client = dnn_with_validation["run_id"], mlflow.MlflowClient()
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert "layers" not in top and EXPLAIN_FOLDER in top
+    assert dnn_with_validation["output"].count("has no convolutions: gradient saliency maps") == 1
+    # The synthetic validation images are all classified right: the NLL falls all the way to the bound.
+    assert "the temperature stopped at the end of its range (0.05" in dnn_with_validation["output"]
+
+
+def test_the_temperature_calibrates_the_exported_model_and_predict(dnn_with_validation, tmp_path, monkeypatch):
+    import mlflow
+
+    from pipeline import calibration, tracking
+    from pipeline.checkpoint import checkpoint_temperature
+    from pipeline.data import SPLIT_FILES, raw_dir
+    from pipeline.onnx_contract import TEMPERATURE_KEY, read_metadata
+
+    for key, value in dnn_with_validation["env"].items():
+        monkeypatch.setenv(key, value) if value else monkeypatch.delenv(key, raising=False)
+    mlflow.set_tracking_uri(dnn_with_validation["store"])
+    run_id = dnn_with_validation["run_id"]
+    run = mlflow.get_run(run_id)
+    temperature = float(run.data.params["temperature"])
+    assert run.data.params["temperature_fit_images"] == "100" and temperature != 1.0
+    metrics = run.data.metrics
+    assert metrics["test_ece_calibrated"] != metrics["test_ece"]
+    # In the model: its LoggedModel's params, its checkpoint, and the exported ONNX file's metadata.
+    model_id = run.outputs.model_outputs[0].model_id
+    assert mlflow.get_logged_model(model_id).params["temperature"] == run.data.params["temperature"]
+    assert checkpoint_temperature(_download(run_id, tracking.CHECKPOINT_ARTIFACT, tmp_path)) == temperature
+    onnx_folder = tracking.download_onnx_model(tracking.run_onnx_model_uri(run_id), tmp_path / "onnx")
+    onnx_file = onnx_folder if onnx_folder.suffix == ".onnx" else next(onnx_folder.glob("*.onnx"))
+    assert float(read_metadata(onnx_file)[TEMPERATURE_KEY]) == temperature
+
+    # predict's own confidences on the test images are calibrated to the same degree as evaluate measured.
+    table_path = tmp_path / "predictions.csv"
+    images = raw_dir(dnn_with_validation["data_dir"]) / SPLIT_FILES["test"][0]
+    result = CliRunner().invoke(
+        cli, ["predict", "--model", str(onnx_file), "--top-k", "10", "-o", str(table_path), str(images)]
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(table_path).sort_values("index")
+    order = [table[f"top{k}_class"].map(CLASS_NAMES.index).to_numpy() for k in range(1, 11)]
+    probs = np.zeros((len(table), 10))
+    for k, classes in enumerate(order, start=1):
+        probs[np.arange(len(table)), classes] = table[f"top{k}_prob"].to_numpy()
+    outputs = np.load(_download(run_id, "test_outputs.npz", tmp_path))
+    labels = outputs["labels"]
+    assert calibration.ece(probs, labels) == pytest.approx(metrics["test_ece_calibrated"], abs=1e-4)
+    # Image by image: predict's probabilities are softmax(logits / T) of evaluate's logits, not softmax(logits).
+    assert probs == pytest.approx(calibration.probabilities(outputs["logits"], temperature), abs=1e-5)
+    assert not np.allclose(probs, calibration.probabilities(outputs["logits"]), atol=1e-2)
+    assert table["confidence"].to_numpy() == pytest.approx(probs.max(1), abs=1e-6)
+
+
+def test_a_figure_that_cannot_be_drawn_fails_the_run_before_anything_is_logged(dnn_with_validation, monkeypatch):
+    import mlflow
+
+    from pipeline import figures
+
+    mlflow.set_tracking_uri(dnn_with_validation["store"])
+    run_id = dnn_with_validation["run_id"]
+    args = ["evaluate", "--run-id", run_id, "--data-dir", str(dnn_with_validation["data_dir"]), "--no-explain"]
+    # First, evaluating again works and keeps the model's temperature (fitted once, never refitted).
+    first = mlflow.get_run(run_id)
+    result = CliRunner().invoke(cli, args, env=dnn_with_validation["env"])
+    assert result.exit_code == 0, result.output
+    before = mlflow.get_run(run_id)
+    assert before.data.params["temperature"] == first.data.params["temperature"]
+    assert before.data.metrics["test_ece_calibrated"] == pytest.approx(first.data.metrics["test_ece_calibrated"])
+
+    def broken(*args, **kwargs):
+        raise ValueError("Image size of 99999x99999 pixels is too large.\nIt must be less than 2^16")
+
+    monkeypatch.setattr(figures, "roc_figure", broken)
+    result = CliRunner().invoke(cli, args, env=dnn_with_validation["env"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        "Error: could not draw roc_curves.png: ValueError: Image size of 99999x99999 pixels is too large. "
+        "It must be less than 2^16"
+    ]
+    after = mlflow.get_run(run_id)
+    assert after.info.status == "FAILED"
+    # Nothing of the failed evaluation was logged: test_ece has the two values of the two good ones.
+    assert len(mlflow.MlflowClient().get_metric_history(run_id, "test_ece")) == 2

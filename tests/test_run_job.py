@@ -9,7 +9,7 @@ from pipeline.cli import cli
 
 
 def test_one_process_job_logs_every_stage_into_one_run(synthetic_data_dir, tracking_store):
-    args = ["run", "--model", "dnn", "--max-steps", "4", "--allow-other-data", "--no-system-metrics"]
+    args = ["run", "--model", "dnn", "--max-steps", "4", "--allow-other-data", "--no-system-metrics", "--no-explain"]
     result = CliRunner().invoke(cli, [*args, "--register", "--data-dir", str(synthetic_data_dir)])
     assert result.exit_code == 0, result.output
     # Every stage reported, in order, as the separate commands do.

@@ -179,7 +179,7 @@ def test_four_clients_at_once_lose_nothing_and_mix_nothing(on_server, synthetic_
         for seed, lr in trainings.items()
     ]
     for run_id in load_base_runs:  # evaluate, then export-onnx: one process (torch and mlflow imported once)
-        stages = [["evaluate", "--run-id", run_id, *data], ["export-onnx", "--run-id", run_id, *data]]
+        stages = [["evaluate", "--run-id", run_id, "--no-explain", *data], ["export-onnx", "--run-id", run_id, *data]]
         commands.append([sys.executable, "-c", STAGES_IN_ONE_PROCESS, json.dumps(stages)])
 
     started = time.monotonic()

@@ -175,6 +175,7 @@ def run_batches(
 ) -> None:
     wanted = config.contact_sheet_size if config.contact_sheet is not None else 0
     items = read_inputs(inputs, predictor.image_size, config.invert, stdin, config.preprocess, wanted)
+    temperature = predictor.temperature
     try:
         for batch in iter_batches(items, config.batch_size, predictor.image_size):
             if len(batch.images):
@@ -182,8 +183,8 @@ def run_batches(
             else:
                 logits = np.empty((0, len(predictor.class_names)), dtype=np.float32)
             if wanted:
-                collect_sheet_entries(batch, logits, predictor.class_names, entries)
-            writer.write(batch_table(batch, logits, predictor.class_names, config.top_k))
+                collect_sheet_entries(batch, logits, predictor.class_names, entries, temperature)
+            writer.write(batch_table(batch, logits, predictor.class_names, config.top_k, temperature))
             summary.read += len(batch.sources)
             summary.predicted += len(batch.images)
             summary.failed = summary.read - summary.predicted
@@ -193,8 +194,11 @@ def run_batches(
     writer.close()
 
 
-def collect_sheet_entries(batch: Batch, logits: np.ndarray, class_names: list[str], entries: list[SheetEntry]) -> None:
-    """The contact sheet's rows of this batch: image files that kept their original, with their top 3."""
+def collect_sheet_entries(
+    batch: Batch, logits: np.ndarray, class_names: list[str], entries: list[SheetEntry], temperature: float = 1.0
+) -> None:
+    """The contact sheet's rows of this batch: image files that kept their original, with their top 3
+    (calibrated as the table's probabilities are: softmax(logits / temperature))."""
     image_index = -1
     for row, (error, original) in enumerate(zip(batch.errors, batch.originals, strict=True)):
         if error is not None:
@@ -203,6 +207,6 @@ def collect_sheet_entries(batch: Batch, logits: np.ndarray, class_names: list[st
         if original is None:
             continue
         pixels = np.rint(batch.images[image_index, 0] * 255).astype(np.uint8)  # copied: the buffer is reused
-        probs = softmax(logits[image_index : image_index + 1].astype(np.float32))[0]
+        probs = softmax(logits[image_index : image_index + 1].astype(np.float32) / temperature)[0]
         top = [(class_names[i], float(probs[i])) for i in np.argsort(-probs, kind="stable")[:3]]
         entries.append(SheetEntry(batch.sources[row], original, pixels, batch.notes[row], top))

@@ -69,7 +69,8 @@ def classify_images(predictor: Predictor, payloads: Iterable, top_k: int = 3, pr
         rows.append(row)
     if pixels:
         batch = to_unit_range(np.stack(pixels)[:, None])
-        probs = softmax(predictor.predict_logits(batch).astype(np.float32))
+        # Calibrated as `pipeline predict`'s table: softmax(logits / the model's temperature).
+        probs = softmax(predictor.predict_logits(batch).astype(np.float32) / predictor.temperature)
         order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
         for i, r in enumerate(ok_rows):
             best = int(order[i, 0])

@@ -53,11 +53,19 @@ def printable_path(source: str) -> str:
     return source.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def batch_table(batch: Batch, logits: np.ndarray, class_names: list[str], top_k: int) -> pd.DataFrame:
-    """One row per input of the batch; prediction columns are empty where the row has an error."""
+def batch_table(
+    batch: Batch, logits: np.ndarray, class_names: list[str], top_k: int, temperature: float = 1.0
+) -> pd.DataFrame:
+    """One row per input of the batch; prediction columns are empty where the row has an error.
+
+    Probabilities are softmax(logits / temperature): the model's calibration (onnx_contract.TEMPERATURE_KEY).
+    """
     rows = len(batch.sources)
     ok = np.array([e is None for e in batch.errors], dtype=bool)
-    probs = softmax(logits.astype(np.float32, copy=True))
+    scaled = logits.astype(np.float32, copy=True)
+    if temperature != 1.0:
+        scaled /= np.float32(temperature)
+    probs = softmax(scaled)
     order = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
     names = np.asarray(class_names, dtype=object)
 

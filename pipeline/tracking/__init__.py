@@ -31,9 +31,11 @@ from pipeline.tracking.log import (
     log_table,
 )
 from pipeline.tracking.models import (
+    TEMPERATURE_PARAM,
     download_onnx_model,
     log_image_model,
     log_onnx_model,
+    log_temperature,
     log_torch_model,
     run_id_for_model,
     run_model_uri,
@@ -155,7 +157,9 @@ __all__ = [
     "log_report",
     "log_study",
     "log_table",
+    "log_temperature",
     "log_torch_model",
+    "TEMPERATURE_PARAM",
     "mark_failed",
     "mark_stage_done",
     "metric_history",

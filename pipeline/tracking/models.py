@@ -20,6 +20,7 @@ from pipeline.tracking.names import (
     ONNX_URI_TAGS,
     TORCH_MODEL_NAME,
     TORCH_URI_TAG,
+    model_id_of,
 )
 from pipeline.tracking.registry import check_model_uri
 from pipeline.tracking.runs import get_run
@@ -205,3 +206,27 @@ def run_id_for_model(model_uri: str) -> str:
             raise PipelineError(f"model {model_uri!r} was not logged from a run; evaluate it with --run-id instead")
     get_run(run_id)
     return run_id
+
+
+TEMPERATURE_PARAM = "temperature"
+
+
+def log_temperature(model: Any, class_names: list[str], temperature: float, validation_images: int) -> None:
+    """The calibration temperature into the active run, its torch LoggedModel and its checkpoint.
+
+    A param of the run (export-onnx writes it into the ONNX metadata from there), a param of the
+    PyTorch LoggedModel, and a key of checkpoint/model.pt, rewritten with the same weights.
+    """
+    from pipeline.checkpoint import save_checkpoint
+    from pipeline.tracking.log import log_params
+    from pipeline.tracking.runs import active_run_id
+
+    value = f"{temperature:.6g}"
+    log_params({TEMPERATURE_PARAM: value, "temperature_fit_images": validation_images})
+    torch_uri = get_run(active_run_id()).tags.get(TORCH_URI_TAG)
+    if torch_uri:
+        mlflow.log_model_params({TEMPERATURE_PARAM: value}, model_id=model_id_of(torch_uri))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
+        save_checkpoint(model.cpu(), path, class_names, float(value))
+        mlflow.log_artifact(str(path), str(Path(CHECKPOINT_ARTIFACT).parent))

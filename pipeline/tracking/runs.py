@@ -269,6 +269,18 @@ def run_description(params: Mapping[str, str], metrics: Mapping[str, float], tag
         if "test_macro_f1" in metrics:
             head += f", macro F1 {metrics['test_macro_f1']:.2%}"
     lines = [head, ""]
+    if "test_ece" in metrics:
+        line = f"- calibration: ECE {metrics['test_ece']:.2%}"
+        if "test_ece_calibrated" in metrics and params.get("temperature"):
+            line += f", {metrics['test_ece_calibrated']:.2%} after temperature scaling (T = {params['temperature']})"
+        else:
+            line += " (no validation split: no temperature fitted)"
+        lines.append(line + f", NLL {metrics['test_nll']:.4f}")
+    if "test_macro_roc_auc" in metrics:
+        lines.append(
+            f"- ranking: macro ROC-AUC {metrics['test_macro_roc_auc']:.4f}, "
+            f"top-2 accuracy {metrics['test_top2_accuracy']:.2%}"
+        )
     parity = tags.get("parity")
     if parity:
         detail = []
