@@ -1,5 +1,6 @@
-"""Shared fixtures: small synthetic Fashion-MNIST in the real IDX format, a throwaway
+"""Shared fixtures and hooks: small synthetic Fashion-MNIST in the real IDX format, a throwaway
 MLflow store, and a tiny trained run that later stages (evaluate, export, predict) use.
+Test modules import shared helpers from tests/helpers.py, never from here.
 """
 
 from __future__ import annotations
@@ -10,14 +11,10 @@ import subprocess
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 
-from pipeline.data import SPLIT_FILES, SYSTEM_COPY, raw_dir
-from pipeline.idx import write_idx
-
-REPO = Path(__file__).resolve().parent.parent
-REAL_DATA_DIR = Path(os.environ.get("PIPELINE_DATA_DIR", REPO / "data"))
+from pipeline.data import SYSTEM_COPY
+from tests.helpers import REAL_DATA_DIR, real_data_available, write_synthetic_dataset
 
 # pyproject's addopts run the files on 2 pytest-xdist workers (--dist loadfile: a file runs whole on
 # one worker, so its module fixtures, e.g. test_server's one PostgreSQL + mlflow server, exist once).
@@ -50,31 +47,6 @@ def pytest_configure(config):
         threads = max(1, (os.cpu_count() or 1) // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
-
-
-def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Noise plus a bright 6x6 block whose position encodes the label: learnable in a few steps."""
-    images = rng.integers(0, 60, size=(len(labels), 28, 28), dtype=np.uint8)
-    for i, label in enumerate(labels):
-        row, col = 2 + 8 * (label // 4), 2 + 6 * (label % 4)
-        images[i, row : row + 6, col : col + 6] = 255
-    return images
-
-
-def write_synthetic_dataset(
-    data_dir: Path, n_train: int = 600, n_test: int = 200, seed: int = 0, compress: bool = False
-) -> Path:
-    rng = np.random.default_rng(seed)
-    folder = raw_dir(data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = np.arange(n, dtype=np.uint8) % 10
-        rng.shuffle(labels)
-        images_name, labels_name = SPLIT_FILES[split]
-        suffix = ".gz" if compress else ""
-        write_idx(folder / f"{images_name}{suffix}", synthetic_images(labels, rng))
-        write_idx(folder / f"{labels_name}{suffix}", labels)
-    return data_dir
 
 
 @pytest.fixture(scope="session")
@@ -216,10 +188,6 @@ def use_trained_run(trained_run, monkeypatch) -> dict:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(trained_run["store"])
     return trained_run
-
-
-def real_data_available() -> bool:
-    return all((raw_dir(REAL_DATA_DIR) / name).is_file() for pair in SPLIT_FILES.values() for name in pair)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import time
 
 import mlflow
 
-from .conftest import REPO
+from tests.helpers import REPO
 
 PROCESSES = 4
 STEPS = 3

@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline import tracking
 from pipeline.cli import cli
-from tests.conftest import REPO, write_synthetic_dataset
+from tests.helpers import REPO, write_synthetic_dataset
 
 # A DNN on 1,200 synthetic images in batches of 50: 24 steps an epoch, 4 epochs, a few seconds.
 TRAIN_ARGS = ["train", "--model", "dnn", "--batch-size", "50", "--log-every", "5", "--allow-other-data"]
