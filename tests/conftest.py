@@ -8,38 +8,37 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections import defaultdict
 from pathlib import Path
 
 import mlflow
 import pytest
 
 from pipeline.data import SYSTEM_COPY
+from tests import schedule
 from tests.helpers import REAL_DATA_DIR, real_data_available, write_synthetic_dataset
 
-# pyproject's addopts run the files on 2 pytest-xdist workers (--dist loadfile: a file runs whole on
-# one worker, so its module fixtures, e.g. test_server's one PostgreSQL + mlflow server, exist once).
-# Files are handed out in collection order (--no-loadscope-reorder), so the longest go first and
-# the short ones fill in at the end: both workers finish about together. Order within a file is kept.
-LONGEST_FIRST = (
-    "test_server.py",
-    "test_bench.py",
-    "test_durable.py",
-    "test_e2e.py",
-    "test_distributed.py",
-    "test_concurrent.py",
-    "test_train.py",
-)
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--record-durations",
+        action="store_true",
+        help=f"write each test file's total seconds into {schedule.DURATIONS.name}, which orders the files "
+        "longest first (run the whole suite, as CI does)",
+    )
 
 
 def pytest_collection_modifyitems(items):
-    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    # Whole files longest first (tests/schedule.py); the order inside a file is kept.
+    schedule.sort_by_file_duration(items, schedule.load_durations())
 
 
 def pytest_configure(config):
     """Each of N workers gets its share of the cores for torch (and the `pipeline` processes its tests
     start): two workers with two OpenMP threads each on two cores spin-wait on each other, and every
     torch step gets several times slower. A run without workers keeps torch's default."""
+    if config.getoption("record_durations") and not hasattr(config, "workerinput"):  # the controller adds up
+        config.pluginmanager.register(DurationRecorder(), "record-durations")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         import torch
@@ -47,6 +46,23 @@ def pytest_configure(config):
         threads = max(1, (os.cpu_count() or 1) // workers)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
+
+
+class DurationRecorder:
+    """Adds up setup + call + teardown per file from the reports (the workers' reports reach the
+    controller too), and writes them at the end of the session."""
+
+    def __init__(self):
+        self.seconds = defaultdict(float)
+
+    def pytest_runtest_logreport(self, report):
+        self.seconds[schedule.file_of(report.nodeid)] += report.duration
+
+    def pytest_sessionfinish(self, session):
+        if self.seconds:
+            root = Path(session.config.rootpath)
+            merged = schedule.merged_durations(schedule.load_durations(), self.seconds, root)
+            schedule.write_durations(merged)
 
 
 @pytest.fixture(scope="session")
