@@ -119,8 +119,9 @@ def make_unwritable():
 
 
 @pytest.fixture(scope="session")
-def session_store(tmp_path_factory) -> str:
+def session_store(tmp_path_factory, empty_store) -> str:
     folder = tmp_path_factory.mktemp("session_mlruns")
+    shutil.copyfile(empty_store, folder / "mlflow.db")  # not a fresh store's hundred migrations
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
