@@ -107,6 +107,7 @@ def store_env(tmp_path: Path, empty_store: Path) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_one_run_logged_by_rank_0(synthetic_data_dir, tmp_path, store_env):
     args = ["--model", "cnn", "--epochs", "2", "--log-every", "3", "--allow-other-data", "--no-system-metrics"]
     args += ["--data-dir", str(synthetic_data_dir)]
@@ -166,6 +167,7 @@ def rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_stops_the_others_with_an_error(synthetic_data_dir, tmp_path, store_env):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     launcher = subprocess.Popen(

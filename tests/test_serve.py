@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from pipeline.data import load_split
 from pipeline.predict import Predictor
@@ -67,6 +68,7 @@ def stop(server: subprocess.Popen) -> None:
             server.wait(timeout=15)
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_with_the_onnx_logits(champion_uri, use_trained_run, trained_onnx, tmp_path):
     bin_dir = Path(sys.executable).parent  # the venv's mlflow, and the uvicorn it execs by name
     port = free_port()
