@@ -23,13 +23,13 @@ def pytest_addoption(parser):
     parser.addoption(
         "--record-durations",
         action="store_true",
-        help=f"write each test file's total seconds into {schedule.DURATIONS.name}, which orders the files "
-        "longest first (run the whole suite, as CI does)",
+        help=f"write each test's seconds into tests/{schedule.DURATIONS.name}, which orders the files "
+        "heaviest first (run the whole suite, as CI does)",
     )
 
 
 def pytest_collection_modifyitems(items):
-    # Whole files longest first (tests/schedule.py); the order inside a file is kept.
+    # Whole files heaviest first (tests/schedule.py); the order inside a file is kept.
     schedule.sort_by_file_duration(items, schedule.load_durations())
 
 
@@ -49,14 +49,14 @@ def pytest_configure(config):
 
 
 class DurationRecorder:
-    """Adds up setup + call + teardown per file from the reports (the workers' reports reach the
+    """Adds up setup + call + teardown per test from the reports (the workers' reports reach the
     controller too), and writes them at the end of the session."""
 
     def __init__(self):
         self.seconds = defaultdict(float)
 
     def pytest_runtest_logreport(self, report):
-        self.seconds[schedule.file_of(report.nodeid)] += report.duration
+        self.seconds[report.nodeid] += report.duration
 
     def pytest_sessionfinish(self, session):
         if self.seconds:
