@@ -28,6 +28,7 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: a file weighs what is left of it
 def pytest_collection_modifyitems(items):
     # Whole files heaviest first (tests/schedule.py); the order inside a file is kept.
     schedule.sort_by_file_duration(items, schedule.load_durations())
