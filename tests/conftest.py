@@ -1,5 +1,6 @@
-"""Shared fixtures: small synthetic Fashion-MNIST in the real IDX format, a throwaway
+"""Shared fixtures and hooks: small synthetic Fashion-MNIST in the real IDX format, a throwaway
 MLflow store, and a tiny trained run that later stages (evaluate, export, predict) use.
+Test modules import shared helpers from tests/helpers.py, never from here.
 """
 
 from __future__ import annotations
@@ -7,42 +8,38 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections import defaultdict
 from pathlib import Path
 
 import mlflow
-import numpy as np
 import pytest
 
-from pipeline.data import SPLIT_FILES, SYSTEM_COPY, raw_dir
-from pipeline.idx import write_idx
-
-REPO = Path(__file__).resolve().parent.parent
-REAL_DATA_DIR = Path(os.environ.get("PIPELINE_DATA_DIR", REPO / "data"))
-
-# pyproject's addopts run the files on 2 pytest-xdist workers (--dist loadfile: a file runs whole on
-# one worker, so its module fixtures, e.g. test_server's one PostgreSQL + mlflow server, exist once).
-# Files are handed out in collection order (--no-loadscope-reorder), so the longest go first and
-# the short ones fill in at the end: both workers finish about together. Order within a file is kept.
-LONGEST_FIRST = (
-    "test_server.py",
-    "test_bench.py",
-    "test_durable.py",
-    "test_e2e.py",
-    "test_distributed.py",
-    "test_concurrent.py",
-    "test_train.py",
-)
+from pipeline.data import SYSTEM_COPY
+from tests import schedule
+from tests.helpers import REAL_DATA_DIR, real_data_available, write_synthetic_dataset
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--record-durations",
+        action="store_true",
+        help=f"write each test's seconds into tests/{schedule.DURATIONS.name}, which orders the files "
+        "heaviest first (run the whole suite, as CI does)",
+    )
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected: a file weighs what is left of it
 def pytest_collection_modifyitems(items):
-    rank = {name: position for position, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+    # Whole files heaviest first (tests/schedule.py); the order inside a file is kept.
+    schedule.sort_by_file_duration(items, schedule.load_durations())
 
 
 def pytest_configure(config):
     """Each of N workers gets its share of the cores for torch (and the `pipeline` processes its tests
     start): two workers with two OpenMP threads each on two cores spin-wait on each other, and every
     torch step gets several times slower. A run without workers keeps torch's default."""
+    if config.getoption("record_durations") and not hasattr(config, "workerinput"):  # the controller adds up
+        config.pluginmanager.register(DurationRecorder(), "record-durations")
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         import torch
@@ -52,29 +49,21 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
-def synthetic_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Noise plus a bright 6x6 block whose position encodes the label: learnable in a few steps."""
-    images = rng.integers(0, 60, size=(len(labels), 28, 28), dtype=np.uint8)
-    for i, label in enumerate(labels):
-        row, col = 2 + 8 * (label // 4), 2 + 6 * (label % 4)
-        images[i, row : row + 6, col : col + 6] = 255
-    return images
+class DurationRecorder:
+    """Adds up setup + call + teardown per test from the reports (the workers' reports reach the
+    controller too), and writes them at the end of the session."""
 
+    def __init__(self):
+        self.seconds = defaultdict(float)
 
-def write_synthetic_dataset(
-    data_dir: Path, n_train: int = 600, n_test: int = 200, seed: int = 0, compress: bool = False
-) -> Path:
-    rng = np.random.default_rng(seed)
-    folder = raw_dir(data_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        labels = np.arange(n, dtype=np.uint8) % 10
-        rng.shuffle(labels)
-        images_name, labels_name = SPLIT_FILES[split]
-        suffix = ".gz" if compress else ""
-        write_idx(folder / f"{images_name}{suffix}", synthetic_images(labels, rng))
-        write_idx(folder / f"{labels_name}{suffix}", labels)
-    return data_dir
+    def pytest_runtest_logreport(self, report):
+        self.seconds[report.nodeid] += report.duration
+
+    def pytest_sessionfinish(self, session):
+        if self.seconds:
+            root = Path(session.config.rootpath)
+            merged = schedule.merged_durations(schedule.load_durations(), self.seconds, root)
+            schedule.write_durations(merged)
 
 
 @pytest.fixture(scope="session")
@@ -133,8 +122,9 @@ def make_unwritable():
 
 
 @pytest.fixture(scope="session")
-def session_store(tmp_path_factory) -> str:
+def session_store(tmp_path_factory, empty_store) -> str:
     folder = tmp_path_factory.mktemp("session_mlruns")
+    shutil.copyfile(empty_store, folder / "mlflow.db")  # not a fresh store's hundred migrations
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
@@ -218,10 +208,6 @@ def use_trained_run(trained_run, monkeypatch) -> dict:
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     mlflow.set_tracking_uri(trained_run["store"])
     return trained_run
-
-
-def real_data_available() -> bool:
-    return all((raw_dir(REAL_DATA_DIR) / name).is_file() for pair in SPLIT_FILES.values() for name in pair)
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import mlflow
 import pandas as pd
@@ -117,9 +118,10 @@ def test_binomial_margin_needs_sample_sizes():
 
 
 @pytest.fixture(scope="module")
-def two_runs(synthetic_data_dir, tmp_path_factory):
+def two_runs(synthetic_data_dir, tmp_path_factory, empty_store):
     """A dnn and a cnn trained a few steps on synthetic data and evaluated, in their own store."""
     folder = tmp_path_factory.mktemp("compare_mlruns")
+    shutil.copyfile(empty_store, folder / "mlflow.db")
     env = {"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", "MLFLOW_EXPERIMENT_NAME": "tests"}
     env["MLFLOW_RUN_ID"] = None
     runner, run_ids = CliRunner(), {}

@@ -9,8 +9,9 @@ import sys
 import time
 
 import mlflow
+import pytest
 
-from .conftest import REPO
+from tests.helpers import REPO
 
 PROCESSES = 4
 STEPS = 3
@@ -29,6 +30,7 @@ cli(sys.argv[3:])
 """
 
 
+@pytest.mark.slow
 def test_four_trainings_at_once_on_a_fresh_store(tmp_path, synthetic_data_dir):
     store = tmp_path / "mlruns" / "mlflow.db"  # does not exist yet: the first runs create it
     env = {

@@ -17,8 +17,7 @@ from pipeline.cli import cli
 from pipeline.data import SHA256, FolderSource, UrlSource, download, load_split, raw_dir
 from pipeline.errors import PipelineError
 from pipeline.idx import encode_idx, parse_idx, read_idx, write_idx
-
-from .conftest import write_synthetic_dataset
+from tests.helpers import write_synthetic_dataset
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,7 +93,11 @@ def test_torchrun_command_carries_every_setting_back_to_pipeline_train(tmp_path)
     assert cli_args.config_from_options(**params) == recipe
 
 
-def store_env(tmp_path: Path) -> dict[str, str]:
+@pytest.fixture
+def store_env(tmp_path: Path, empty_store: Path) -> dict[str, str]:
+    """The ranks' environment, with a store of the test's own: a copy of the empty one (no migrations
+    in rank 0), in place before the test opens it."""
+    shutil.copyfile(empty_store, tmp_path / "mlflow.db")
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_RUN_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return {
         **env,
@@ -102,12 +107,13 @@ def store_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
-def test_two_gloo_processes_train_one_run_logged_by_rank_0(synthetic_data_dir, tmp_path):
+@pytest.mark.slow
+def test_two_gloo_processes_train_one_run_logged_by_rank_0(synthetic_data_dir, tmp_path, store_env):
     args = ["--model", "cnn", "--epochs", "2", "--log-every", "3", "--allow-other-data", "--no-system-metrics"]
     args += ["--data-dir", str(synthetic_data_dir)]
     done = subprocess.run(
         [sys.executable, "-m", "pipeline", "train", "--nproc", "2", *args],
-        env=store_env(tmp_path),
+        env=store_env,
         capture_output=True,
         text=True,
         timeout=240,
@@ -161,12 +167,13 @@ def rank_pid(launcher: int, rank: int) -> int | None:
     return None
 
 
-def test_a_rank_that_dies_stops_the_others_with_an_error(synthetic_data_dir, tmp_path):
+@pytest.mark.slow
+def test_a_rank_that_dies_stops_the_others_with_an_error(synthetic_data_dir, tmp_path, store_env):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     launcher = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "train", "--nproc", "2", "--model", "dnn", "--epochs", "100000"]
         + ["--log-every", "1", "--allow-other-data", "--no-system-metrics", "--data-dir", str(synthetic_data_dir)],
-        env=store_env(tmp_path),
+        env=store_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

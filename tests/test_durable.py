@@ -19,7 +19,7 @@ from PIL import Image
 
 from pipeline import tracking
 from pipeline.cli import cli
-from tests.conftest import REPO, write_synthetic_dataset
+from tests.helpers import REPO, write_synthetic_dataset
 
 # A DNN on 1,200 synthetic images in batches of 50: 24 steps an epoch, 4 epochs, a few seconds.
 TRAIN_ARGS = ["train", "--model", "dnn", "--batch-size", "50", "--log-every", "5", "--allow-other-data"]
@@ -78,6 +78,7 @@ def histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
 # ----------------------------------------------------------------- SIGTERM
 
 
+@pytest.mark.slow
 def test_sigterm_during_training_marks_the_run_killed_and_exits_143(synthetic_data_dir, tracking_store):
     process = start_pipeline(*TRAIN_ARGS, "--epochs", "1000", "--data-dir", str(synthetic_data_dir))
     run = wait_for(running_run_checkpointed(1), process, "first checkpoint")
@@ -126,6 +127,7 @@ def test_a_run_that_a_wrapped_sigterm_ended_is_killed_not_failed(sigterm_wrapped
     assert mlflow.get_run(active.run_id).info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_sigterm_during_predict_leaves_no_output_and_exits_143(trained_onnx, tmp_path):
     image = tmp_path / "item.png"
     Image.new("L", (28, 28), 200).save(image)
@@ -146,6 +148,7 @@ def test_sigterm_during_predict_leaves_no_output_and_exits_143(trained_onnx, tmp
 # ----------------------------------------------------------------- kill -9, stale, resume
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_gives_exactly_the_uninterrupted_result(data_1200, tracking_store):
     args = [*TRAIN_ARGS, "--epochs", "4", "--checkpoint-every", "5", "--data-dir", str(data_1200)]
     reference = CliRunner().invoke(cli, args)

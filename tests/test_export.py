@@ -320,7 +320,7 @@ def test_other_test_data_is_refused_before_anything_is_logged(use_trained_run, t
     from click.testing import CliRunner
 
     from pipeline.cli import cli
-    from tests.conftest import write_synthetic_dataset  # tests.helpers once it exists
+    from tests.helpers import write_synthetic_dataset
 
     other = write_synthetic_dataset(tmp_path / "other", seed=7)
     before = mlflow.get_run(use_trained_run["run_id"]).data

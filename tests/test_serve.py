@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 from click.testing import CliRunner
 
 from pipeline.bench.photos import write_photos
@@ -109,6 +110,7 @@ def client_error(url: str, payload: dict) -> int:
     raise AssertionError(f"{payload} was accepted")
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_answers_with_the_onnx_logits(champion_uri, use_trained_run, trained_onnx, tmp_path):
     with serving(champion_uri, tmp_path) as (base, _, _):
         images = load_split(use_trained_run["data_dir"], "test").images[:6]
@@ -123,6 +125,7 @@ def test_mlflow_models_serve_answers_with_the_onnx_logits(champion_uri, use_trai
         assert get(f"{base}/ping")[0] == 200
 
 
+@pytest.mark.slow
 def test_the_images_model_serves_photos_as_predict_classifies_them(
     champion_uri, use_trained_run, trained_onnx, tmp_path
 ):

@@ -95,6 +95,7 @@ def metric_points(client: mlflow.MlflowClient, run) -> dict[str, list[int]]:
     return {key: [m.step for m in client.get_metric_history(run.info.run_id, key)] for key in run.data.metrics}
 
 
+@pytest.mark.slow
 def test_train_evaluate_export_register_land_in_postgresql_and_the_artifact_proxy(on_server, synthetic_data_dir):
     data = ["--data-dir", str(synthetic_data_dir)]
     trained = invoke(["train", "--model", "cnn", "--epochs", "2", "--log-every", "2", "--allow-other-data", *data])
@@ -162,6 +163,7 @@ for args in json.loads(sys.argv[1]):
 """
 
 
+@pytest.mark.slow
 def test_four_clients_at_once_lose_nothing_and_mix_nothing(on_server, synthetic_data_dir, load_base_runs):
     env = {**os.environ, "MLFLOW_TRACKING_URI": on_server.url, "MLFLOW_EXPERIMENT_NAME": "load"}
     env["PYTHONPATH"] = str(REPO)
@@ -246,6 +248,7 @@ def test_a_users_own_http_settings_are_kept(monkeypatch):
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "9"
 
 
+@pytest.mark.slow
 def test_two_tune_workers_started_at_once_share_one_study_and_one_parent_run(on_server, synthetic_data_dir):
     """Optuna's storage in the server's PostgreSQL: both workers create its tables and the study's
     parent run at the same moment; one study, 4 trials, one parent run is what must come out."""
@@ -276,6 +279,7 @@ def test_two_tune_workers_started_at_once_share_one_study_and_one_parent_run(on_
     assert all(f"Parent run id: {parents[0].info.run_id}" in out for out, _ in outputs)
 
 
+@pytest.mark.slow
 def test_a_server_that_goes_away_mid_run_fails_it_clearly_and_comes_back(on_server, synthetic_data_dir):
     """Last in the module: it stops the server, then starts it again."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_EXPERIMENT_NAME": "faults"}

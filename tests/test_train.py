@@ -217,6 +217,7 @@ def test_a_training_checkpoint_is_loaded_without_running_pickles(tmp_path):
         load_training_state(path)
 
 
+@pytest.mark.slow
 def test_compile_trains_the_same_model_as_eager_and_caches_its_code_on_disk(synthetic_data_dir, tmp_path, monkeypatch):
     import torch._inductor.config as inductor_config
 
