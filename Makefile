@@ -22,7 +22,7 @@ STORE_URI := $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
 ADOPT_OLD_STORE := $(BIN)/python -c "from pipeline.tracking.store import adopt_legacy_store as a; a()"
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup run test check-python ui screenshots server server-stop postgresql lint docs docs-serve bench \
+.PHONY: setup run test test-fast test-durations check-python ui screenshots server server-stop postgresql lint docs docs-serve bench \
 	bench-avx2 bench-quick clean distclean
 
 setup: $(STAMP) $(DATA)
@@ -50,6 +50,14 @@ run: setup
 # The tests start a real tracking server on PostgreSQL, so they need the package too.
 test: setup postgresql
 	$(BIN)/python -m pytest
+
+# The inner loop: every test but the slow ones (real processes, servers, end-to-end runs).
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+# Refreshes tests/durations.json, from which the test files are ordered on the workers: commit it.
+test-durations: setup postgresql
+	$(BIN)/python -m pytest --record-durations
 
 # The printed link opens the experiment's runs with the pipeline's columns (test accuracy, parity, ...).
 ui: setup
