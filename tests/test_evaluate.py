@@ -328,7 +328,8 @@ def test_evaluate_logs_calibration_ranking_and_what_the_cnn_learned(evaluated, u
     assert evaluated["output"].count("no temperature fitted") == 1
     assert "no validation split: no temperature fitted" in run.data.tags["mlflow.note.content"]
     # Linked to the PyTorch LoggedModel, as the per-class metrics are.
-    model_id = run.outputs.model_outputs[0].model_id
+    # (The run's PyTorch model by its tag: other tests export ONNX models into the same session run.)
+    model_id = run.data.tags["pytorch_model_uri"].removeprefix("models:/")
     linked = {m.key for m in mlflow.get_logged_model(model_id).metrics}
     assert set(TRUST_METRICS) <= linked
 
@@ -409,7 +410,8 @@ def test_the_temperature_calibrates_the_exported_model_and_predict(dnn_with_vali
     metrics = run.data.metrics
     assert metrics["test_ece_calibrated"] != metrics["test_ece"]
     # In the model: its LoggedModel's params, its checkpoint, and the exported ONNX file's metadata.
-    model_id = run.outputs.model_outputs[0].model_id
+    # (The run's PyTorch model by its tag: other tests export ONNX models into the same session run.)
+    model_id = run.data.tags["pytorch_model_uri"].removeprefix("models:/")
     assert mlflow.get_logged_model(model_id).params["temperature"] == run.data.params["temperature"]
     assert checkpoint_temperature(_download(run_id, tracking.CHECKPOINT_ARTIFACT, tmp_path)) == temperature
     onnx_folder = tracking.download_onnx_model(tracking.run_onnx_model_uri(run_id), tmp_path / "onnx")
