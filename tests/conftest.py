@@ -5,6 +5,7 @@ Test modules import shared helpers from tests/helpers.py, never from here.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -73,11 +74,20 @@ def synthetic_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory) -> Path:
-    """A store with MLflow's schema and nothing else, made once. Creating one runs about a hundred
-    migrations, each committed with an fsync: seconds per test on a busy disk. A fresh store's own
-    creation is tested by test_concurrent, which starts from none."""
-    path = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
-    mlflow.MlflowClient(f"sqlite:///{path}").search_experiments(max_results=1)
+    """A store with MLflow's schema and nothing else, made once per session: by the first xdist
+    worker that needs it, while the other waits for it. Creating one runs about a hundred
+    migrations, each committed with an fsync: seconds per test on a busy disk. Nobody writes to
+    it; tests copy it. A fresh store's own creation is tested by test_concurrent, which starts from none."""
+    basetemp = tmp_path_factory.getbasetemp()
+    session = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp  # the workers' common folder
+    path = session / "empty_store" / "mlflow.db"
+    with open(session / "empty_store.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.is_file():
+            making = session / "empty_store.making" / "mlflow.db"  # renamed when whole: never half a store
+            making.parent.mkdir(exist_ok=True)
+            mlflow.MlflowClient(f"sqlite:///{making}").search_experiments(max_results=1)
+            making.parent.rename(path.parent)
     return path
 
 
