@@ -5,18 +5,21 @@ Test modules import shared helpers from tests/helpers.py, never from here.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
 from collections import defaultdict
 from pathlib import Path
 
-import mlflow
 import pytest
 
 from pipeline.data import SYSTEM_COPY
 from tests import schedule
 from tests.helpers import REAL_DATA_DIR, real_data_available, write_synthetic_dataset
+
+# The fixtures import mlflow themselves: the xdist controller loads this file too, and importing
+# mlflow here would add 1.4 s to the start of every run.
 
 
 def pytest_addoption(parser):
@@ -73,19 +76,30 @@ def synthetic_data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def empty_store(tmp_path_factory) -> Path:
-    """A store with MLflow's schema and nothing else, made once. Creating one runs about a hundred
-    migrations, each committed with an fsync: seconds per test on a busy disk. A fresh store's own
-    creation is tested by test_concurrent, which starts from none."""
+    """A store with MLflow's schema and nothing else, made once per session: by the first xdist
+    worker that needs it, while the other waits for it. Creating one runs about a hundred
+    migrations, each committed with an fsync: seconds per test on a busy disk. Nobody writes to
+    it; tests copy it. A fresh store's own creation is tested by test_concurrent, which starts from none."""
     from pipeline.tracking.store import open_store
 
-    path = tmp_path_factory.mktemp("empty_store") / "mlflow.db"
-    open_store(f"sqlite:///{path}")  # as the pipeline opens a new store: its default experiment's files beside it
+    basetemp = tmp_path_factory.getbasetemp()
+    session = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp  # the workers' common folder
+    path = session / "empty_store" / "mlflow.db"
+    with open(session / "empty_store.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.is_file():
+            making = session / "empty_store.making" / "mlflow.db"  # renamed when whole: never half a store
+            making.parent.mkdir(exist_ok=True)
+            open_store(f"sqlite:///{making}")  # as the pipeline opens a new store: its files beside it
+            making.parent.rename(path.parent)
     return path
 
 
 @pytest.fixture
 def tracking_store(tmp_path, monkeypatch, empty_store) -> str:
     """Every MLflow call in the test goes to a fresh (empty) sqlite store under tmp_path."""
+    import mlflow
+
     uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
     (tmp_path / "mlruns").mkdir()
     shutil.copyfile(empty_store, tmp_path / "mlruns" / "mlflow.db")
@@ -153,6 +167,8 @@ def trained_run(synthetic_data_dir, session_store) -> dict:
 @pytest.fixture(scope="session")
 def trained_onnx(trained_run, tmp_path_factory) -> Path:
     """The trained_run's CNN exported to one .onnx file by the real exporter (pipeline.export)."""
+    import mlflow
+
     from pipeline import tracking
     from pipeline.export import export_onnx
 
@@ -165,6 +181,7 @@ def trained_onnx(trained_run, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def exported_onnx_uri(trained_run) -> str:
     """`pipeline export-onnx` run on trained_run (through the real CLI): the logged ONNX model's URI."""
+    import mlflow
     from click.testing import CliRunner
 
     from pipeline import tracking
@@ -203,6 +220,8 @@ def champion_uri(exported_onnx_uri, trained_run) -> str:
 
 @pytest.fixture
 def use_trained_run(trained_run, monkeypatch) -> dict:
+    import mlflow
+
     monkeypatch.setenv("MLFLOW_TRACKING_URI", trained_run["store"])
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)

@@ -152,6 +152,7 @@ def test_flops_are_counted_from_the_layers():
     assert forward_flops(build_model("cnn")) == conv + 2 * (2304 * 600 + 600 * 120 + 120 * 10)
 
 
+@pytest.mark.slow
 def test_onnxruntime_levers_time_the_real_predictor(synthetic_data_dir, tmp_path, monkeypatch):
     """Each variant is Predictor.predict_arrays over a session opened with the variant's options."""
     import onnxruntime as ort

@@ -150,6 +150,7 @@ def two_runs(synthetic_data_dir, tmp_path_factory, empty_store):
     return {"env": env, "run_ids": run_ids}
 
 
+@pytest.mark.slow
 def test_compare_writes_csv_and_chart_that_match_the_runs(two_runs, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(
@@ -183,6 +184,7 @@ def test_compare_writes_csv_and_chart_that_match_the_runs(two_runs, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [COMPARE_CSV, COMPARE_PNG]  # no temp files left
 
 
+@pytest.mark.slow
 def test_compare_explicit_runs_and_errors(two_runs, tmp_path):
     ids, env = two_runs["run_ids"], two_runs["env"]
     out = str(tmp_path / "out")
@@ -202,6 +204,7 @@ def test_compare_explicit_runs_and_errors(two_runs, tmp_path):
         assert "Traceback" not in result.output and not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow
 def test_compare_is_logged_to_mlflow_as_a_run_of_its_own(two_runs, tmp_path):
     ids, env = two_runs["run_ids"], two_runs["env"]
     result = CliRunner().invoke(cli, ["compare", "--output-dir", str(tmp_path / "out")], env=env)

@@ -321,6 +321,7 @@ def test_main_entry_point_takes_reuse_off_by_default():
     assert spec["command"].startswith("PIPELINE_REUSE={reuse} ") and "pipeline run " in spec["command"]
 
 
+@pytest.mark.slow
 def test_reuse_skips_stages_a_finished_run_did_the_same_way(synthetic_data_dir, tracking_store, monkeypatch):
     """As `mlflow run . -P reuse=true` runs it: each stage inside the job's run (MLFLOW_RUN_ID)."""
     client = mlflow.MlflowClient()

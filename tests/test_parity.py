@@ -192,6 +192,7 @@ def test_a_model_with_other_names_is_not_what_export_wrote(exported, tmp_path):
 # ----------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_export_logs_models_parity_and_int8_to_the_run(use_trained_run, tmp_path):
     run_id, data_dir = use_trained_run["run_id"], str(use_trained_run["data_dir"])
     args = ["export-onnx", "--run-id", run_id, "--output", str(tmp_path), "--quantize", "int8", "--data-dir", data_dir]

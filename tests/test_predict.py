@@ -479,6 +479,7 @@ def test_model_uris_resolve_to_the_logged_onnx_model(
     assert result.exit_code == 1 and "not an ONNX model" in result.output  # the torch model of the run
 
 
+@pytest.mark.slow
 def test_model_uri_prediction_stays_torch_free(exported_onnx_uri, use_trained_run, test_split, tmp_path):
     """The CLI may import mlflow to resolve a URI; fetching the file must not pull in torch."""
     np.save(tmp_path / "x.npy", test_split.images[:4])

@@ -158,6 +158,7 @@ def test_trial_settings_never_load_the_test_set(synthetic_data_dir, monkeypatch)
     assert ["test_accuracy" in row for row in end.history] == [False, True]  # the test set once, at the end
 
 
+@pytest.mark.slow
 def test_cnn_plus_trains_exports_and_passes_parity(synthetic_data_dir, tmp_path):
     import onnx
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import mlflow
+import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
 
 
+@pytest.mark.slow
 def test_one_process_job_logs_every_stage_into_one_run(synthetic_data_dir, tracking_store):
     args = ["run", "--model", "dnn", "--max-steps", "4", "--allow-other-data", "--no-system-metrics", "--no-explain"]
     result = CliRunner().invoke(cli, [*args, "--register", "--data-dir", str(synthetic_data_dir)])
@@ -28,6 +30,7 @@ def test_one_process_job_logs_every_stage_into_one_run(synthetic_data_dir, track
     assert run.data.params["test_size"] == "200"
 
 
+@pytest.mark.slow
 def test_the_trained_model_goes_through_the_test_set_once_and_is_never_reloaded(
     synthetic_data_dir, tracking_store, monkeypatch
 ):

@@ -60,6 +60,7 @@ def child_runs(parent_id: str):
 
 
 @pytest.mark.filterwarnings("ignore:Fixed parameter .* is out of range:UserWarning")  # the enqueued lr 1e-9
+@pytest.mark.slow
 def test_tiny_study_nested_runs_pruning_resume_and_no_test_set(study_config, loaded_splits):
     tune.open_study(study_config)  # created empty, as a first worker would, so the trials can be enqueued
     enqueue(study_config, TRIALS)
@@ -109,6 +110,7 @@ def test_tiny_study_nested_runs_pruning_resume_and_no_test_set(study_config, loa
     assert tracking.latest_finished_run("cnn") is None
 
 
+@pytest.mark.slow
 def test_retrain_best_uses_the_test_set_once(study_config, loaded_splits):
     study_config.n_trials = 1
     study_config.max_steps = 3
