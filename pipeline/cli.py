@@ -74,6 +74,14 @@ def cli() -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("note: %(message)s"))
         notes.addHandler(handler)
+    # The database pool's own warnings as Python shows them by default, less an interrupt it caught
+    # (see signals.not_an_interrupt): a SIGTERM there must read as "Terminated.", not as a traceback.
+    pool = logging.getLogger("sqlalchemy.pool")
+    if not pool.handlers:
+        handler = logging.StreamHandler()
+        handler.setLevel(logging.WARNING)
+        handler.addFilter(signals.not_an_interrupt)
+        pool.addHandler(handler)
 
 
 @cli.command("download")

@@ -15,6 +15,7 @@ was swallowed on the way.
 
 from __future__ import annotations
 
+import logging
 import signal
 import threading
 from collections.abc import Iterator
@@ -39,6 +40,15 @@ def raise_if_received() -> None:
     """Terminated, if SIGTERM arrived: for loops that must stop even where the first raise was swallowed."""
     if _received.is_set():
         raise Terminated()
+
+
+def not_an_interrupt(record: logging.LogRecord) -> bool:
+    """A log filter: False for what a library logs about an interrupt it caught and went on from.
+
+    SQLAlchemy's pool, when SIGTERM (or Ctrl-C) lands while it resets a connection, logs the
+    interrupt with its traceback; the interrupt is recorded (`received`) and still ends the command.
+    """
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
 
 
 def _raise_terminated(signum, frame) -> None:
