@@ -58,13 +58,18 @@ def run(
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # no start/stop chatter
         os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", str(SYSTEM_METRICS_INTERVAL_S))
     inherited = os.environ.get(RUN_ID_ENV)
+    all_tags = {**(tags or {}), **liveness_tags()}
     try:
         active = mlflow.start_run(
             run_id=run_id,
             run_name=run_name,
-            tags={**(tags or {}), **liveness_tags()},
+            # A run that exists may be resumed by several processes at once (tuning workers sharing a
+            # study's parent run): their tags are set apart, tolerating each other (set_tags_shared).
+            tags=None if run_id else all_tags,
             log_system_metrics=system_metrics,
         )
+        if run_id:
+            set_tags_shared(run_id, all_tags)
     except mlflow.exceptions.MlflowException as exc:
         if exc.error_code != "PERMISSION_DENIED":
             raise
@@ -77,6 +82,22 @@ def run(
         os.environ.pop(RUN_ID_ENV, None)
     with _ended_by_outcome(active):
         yield ActiveRun(active.info.run_id, active.info.experiment_id)
+
+
+def set_tags_shared(run_id: str, tags: Mapping[str, str]) -> None:
+    """Set tags on a run other processes may be tagging at the same moment.
+
+    A SQL store inserts a tag it does not find; two processes that both find none race, and the
+    second insert fails on the duplicate key. Theirs was set a moment ago: set ours over it.
+    """
+    client = mlflow.MlflowClient()
+    for key, value in tags.items():
+        try:
+            client.set_tag(run_id, key, value)
+        except mlflow.exceptions.MlflowException:
+            if key not in client.get_run(run_id).data.tags:
+                raise
+            client.set_tag(run_id, key, value)  # it exists now: this one updates
 
 
 def not_permitted(experiment: str) -> PipelineError:

@@ -24,7 +24,7 @@ from pipeline.tracking.names import (
     TRAINING_STATE_ARTIFACT,
     TRIAL_STAGE,
 )
-from pipeline.tracking.runs import active_run_id, end_active_run, get_run
+from pipeline.tracking.runs import active_run_id, end_active_run, get_run, set_tags_shared
 from pipeline.tracking.store import server_lost, sqlite_path, tracking_uri
 
 if TYPE_CHECKING:
@@ -137,7 +137,8 @@ def log_study(settings: dict[str, Any], result: StudyResult) -> None:
         },
         step=step,
     )
-    mlflow.set_tags({f"best.{name}": str(value) for name, value in result.best_params.items()})
+    # Workers of one study may log their summaries into the shared parent run at the same moment.
+    set_tags_shared(active_run_id(), {f"best.{name}": str(value) for name, value in result.best_params.items()})
     mlflow.log_dict(
         {"trial": result.best_number, "val_accuracy": result.best_value, "params": result.best_params},
         "optuna/best_params.json",
