@@ -51,6 +51,16 @@ def identity(pid: int) -> ProcessIdentity | None:
     return ProcessIdentity(pid, int(fields[19]), tuple(os.fsdecode(part) for part in raw.split(b"\0") if part))
 
 
+def launched(pid: int, argv: list[str]) -> ProcessIdentity:
+    """The identity of a child just started with `argv`, read while its pid is certainly ours (unreaped).
+
+    The command is `argv` itself, not /proc/PID/cmdline: Popen returns once the child's close-on-exec
+    pipe closes, which the kernel does before the new program's arguments are in place, so cmdline can
+    still read empty. Start time -1 if even the stat cannot be read (the child already failed)."""
+    fields = _stat_fields(pid)
+    return ProcessIdentity(pid, int(fields[19]) if fields else -1, tuple(argv))
+
+
 def same_process(recorded: ProcessIdentity) -> bool | None:
     """True while `recorded`'s process still runs (a zombie of it counts: its pid is not free yet),
     False if its pid is now another process, None if no process has that pid."""
@@ -62,7 +72,11 @@ def same_process(recorded: ProcessIdentity) -> bool | None:
     if fields[0] == "Z":
         return True
     now = identity(recorded.pid)
-    return now is not None and now.command == recorded.command
+    if now is None:  # gone between the two reads
+        return None
+    # Same pid and start time is the same process; an empty command line is one mid-exec (or exiting),
+    # a different one means it has since exec'd another program.
+    return not now.command or now.command == recorded.command
 
 
 def describe(pid: int) -> str:

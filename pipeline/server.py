@@ -354,8 +354,7 @@ def start_server(config: ServerConfig) -> ServerInfo:
         # A session of its own: stop_server ends the server and its workers as one process group,
         # and a Ctrl-C in the terminal that started it does not.
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    # Read now, while the process is certainly ours (unreaped, its pid cannot be anyone else's).
-    started = processes.identity(process.pid) or processes.ProcessIdentity(process.pid, -1, tuple(command))
+    started = processes.launched(process.pid, command)
     info = ServerInfo(config.url, process.pid, config.db, backend_uri, str(artifacts), str(log))
     info.start_time, info.command = started.start_time, list(started.command)
     write_text(_state_file(config.folder), json.dumps(asdict(info), indent=2))

@@ -222,6 +222,27 @@ def test_server_stop_never_signals_a_pid_that_is_another_process_now(sleeper, tm
     assert state.is_file()  # refused: nothing changed
 
 
+def test_the_identity_recorded_at_launch_is_the_one_later_checks_see():
+    """Read at once after Popen (when /proc/PID/cmdline may still be empty mid-exec), the recorded
+    identity must still be the child's: stop relies on it to signal only the server it started."""
+    argv = [sys.executable, "-c", "import time; time.sleep(600)", "mlflow", "server"]
+    for _ in range(20):  # the empty-cmdline window is short: try it often
+        child = subprocess.Popen(argv)
+        try:
+            recorded = processes.launched(child.pid, argv)
+            assert recorded.command == tuple(argv) and recorded.start_time > 0
+            assert processes.same_process(recorded) is True  # even while its cmdline may read empty
+            deadline = time.monotonic() + 30
+            while not (now := processes.identity(child.pid)).command:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            assert now == recorded and processes.same_process(recorded) is True
+        finally:
+            child.kill()
+            child.wait()
+        assert processes.same_process(recorded) is None  # reaped: no process has that pid
+
+
 def test_server_start_does_not_replace_a_pid_that_is_another_process_now(sleeper, tmp_path):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -164,3 +164,35 @@ def test_a_server_refusing_the_experiment_is_one_line_naming_it(tracking_store, 
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "does not let bob log runs into experiment 'teamexp'" in result.output
     assert "EDIT permission" in result.output
+
+
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        '(psycopg2.errors.UniqueViolation) duplicate key value violates unique constraint "params_pk"',
+        "(sqlite3.IntegrityError) UNIQUE constraint failed: latest_metrics.key, latest_metrics.run_uuid",
+    ],
+)
+def test_a_write_that_lost_a_duplicate_key_race_is_made_once_more(refusal):
+    """Tuning workers write the same params, tags and metrics into their study's parent run at once."""
+    calls = []
+
+    def write():
+        calls.append(1)
+        if len(calls) == 1:
+            raise mlflow.exceptions.MlflowException(refusal)
+        return "written"
+
+    assert tracking.runs.retried_if_raced(write) == "written" and len(calls) == 2
+
+
+def test_any_other_refusal_of_a_write_is_not_retried():
+    calls = []
+
+    def write():
+        calls.append(1)
+        raise mlflow.exceptions.MlflowException("Changing param values is not allowed")
+
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Changing param"):
+        tracking.runs.retried_if_raced(write)
+    assert len(calls) == 1

@@ -17,7 +17,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
 from pipeline.tracking.datasets import DataSplit, mlflow_dataset
 from pipeline.tracking.names import STAGES_TAG, TORCH_URI_TAG, model_id_of
-from pipeline.tracking.runs import active_run_id, get_run, run
+from pipeline.tracking.runs import active_run_id, get_run, retried_if_raced, run
 
 
 def log_params(params: dict[str, Any]) -> None:
@@ -26,10 +26,15 @@ def log_params(params: dict[str, Any]) -> None:
     `mlflow run` logs the entry point's parameters as typed on its command line (`lr=1e-3`,
     `max_steps=0`); MLflow refuses to change a param, and those are the same settings.
     """
-    existing = get_run(active_run_id()).params
-    flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items() if k not in existing}
-    if flat:
-        mlflow.log_params(flat)
+    run_id = active_run_id()
+
+    def log_new() -> None:
+        existing = get_run(run_id).params
+        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items() if k not in existing}
+        if flat:
+            mlflow.log_params(flat)
+
+    retried_if_raced(log_new)  # a tuning study's workers log the same params into its shared parent run
 
 
 def log_metrics(
@@ -47,7 +52,8 @@ def log_metrics(
 
         now = int(time.time() * 1000)
         rows = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
-        mlflow.MlflowClient().log_batch(active_run_id(), metrics=rows)
+        run_id = active_run_id()
+        retried_if_raced(lambda: mlflow.MlflowClient().log_batch(run_id, metrics=rows))
         return
     mlflow.log_metrics(
         {k: float(v) for k, v in metrics.items()},

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import mlflow
 from mlflow.entities import RunStatus
@@ -84,20 +84,33 @@ def run(
         yield ActiveRun(active.info.run_id, active.info.experiment_id)
 
 
-def set_tags_shared(run_id: str, tags: Mapping[str, str]) -> None:
-    """Set tags on a run other processes may be tagging at the same moment.
+T = TypeVar("T")
 
-    A SQL store inserts a tag it does not find; two processes that both find none race, and the
-    second insert fails on the duplicate key. Theirs was set a moment ago: set ours over it.
+# How a SQL store's duplicate-key refusal reads, directly (sqlalchemy's text in an MlflowException)
+# or relayed by a tracking server: PostgreSQL, MySQL and SQLite word it differently.
+_DUPLICATE_KEY = ("IntegrityError", "UniqueViolation", "duplicate key", "Duplicate entry", "UNIQUE constraint")
+
+
+def retried_if_raced(write: Callable[[], T]) -> T:
+    """Run a write another process may make to the same run at the same moment, once more if it lost.
+
+    A SQL store inserts a param, tag or latest metric it does not find; two processes that both find
+    none race, and the second insert fails on the duplicate key. The row is there now: the second
+    try finds it (a param: skipped; a tag or metric: updated).
     """
+    try:
+        return write()
+    except mlflow.exceptions.MlflowException as exc:
+        if not any(marker in str(exc) for marker in _DUPLICATE_KEY):
+            raise
+    return write()
+
+
+def set_tags_shared(run_id: str, tags: Mapping[str, str]) -> None:
+    """Set tags on a run other processes may be tagging at the same moment."""
     client = mlflow.MlflowClient()
     for key, value in tags.items():
-        try:
-            client.set_tag(run_id, key, value)
-        except mlflow.exceptions.MlflowException:
-            if key not in client.get_run(run_id).data.tags:
-                raise
-            client.set_tag(run_id, key, value)  # it exists now: this one updates
+        retried_if_raced(lambda key=key, value=value: client.set_tag(run_id, key, value))
 
 
 def not_permitted(experiment: str) -> PipelineError:
