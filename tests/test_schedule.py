@@ -63,10 +63,12 @@ def test_recorded_durations_merge_by_file_drop_what_is_gone_and_round_trip(tmp_p
     assert schedule.load_durations(tmp_path / "none.json") == {}
 
 
-def test_the_committed_durations_name_test_files_of_this_repository():
+def test_the_committed_durations_are_tests_of_this_repository():
+    """A file renamed since the last refresh only falls back to the guesses; a missing or empty one
+    would leave the whole order to them."""
     durations = schedule.load_durations()
     assert durations, f"{schedule.DURATIONS} is missing: pytest --record-durations writes it"
-    root = schedule.DURATIONS.parent.parent
-    files = {schedule.file_of(nodeid) for nodeid in durations}
-    assert all((root / name).is_file() and name.startswith("tests/test_") for name in files)
+    assert all(nodeid.startswith("tests/test_") and "::" in nodeid for nodeid in durations)
     assert all(seconds >= 0 for seconds in durations.values())
+    root = schedule.DURATIONS.parent.parent
+    assert (root / schedule.file_of(next(iter(durations)))).is_file()  # the longest test's file
