@@ -196,3 +196,26 @@ def test_any_other_refusal_of_a_write_is_not_retried():
     with pytest.raises(mlflow.exceptions.MlflowException, match="Changing param"):
         tracking.runs.retried_if_raced(write)
     assert len(calls) == 1
+
+
+def test_our_models_are_logged_without_scanning_the_whole_environment(tracking_store, monkeypatch):
+    """Their requirements are given and pinned; MLflow's map of every module to its package (a ~2 s
+    scan per process) is not built for them, and is left for a model whose requirements it infers."""
+    import numpy as np
+    import torch
+    from mlflow.utils import requirements_utils
+
+    from pipeline.models import build_model
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)  # as in a fresh process
+
+    scans = []  # (MLflow catches what its check raises: a raising stand-in would go unseen)
+    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions", lambda: scans.append(1) or {})
+    example = np.zeros((2, 1, 28, 28), dtype=np.float32)
+    with tracking.run(experiment="tests"):
+        uri = tracking.log_torch_model(build_model("dnn"), example, [str(n) for n in range(10)])
+    assert not scans and requirements_utils._MODULES_TO_PACKAGES is None
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text().split()
+    assert (
+        f"torch=={torch.__version__.split('+')[0]}" in requirements and f"mlflow=={mlflow.__version__}" in requirements
+    )

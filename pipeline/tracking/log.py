@@ -30,7 +30,8 @@ def log_params(params: dict[str, Any]) -> None:
 
     def log_new() -> None:
         existing = get_run(run_id).params
-        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in params.items() if k not in existing}
+        new = {k: v for k, v in params.items() if k not in existing}
+        flat = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in new.items()}
         if flat:
             mlflow.log_params(flat)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,30 @@ from pipeline.tracking.runs import get_run
 from pipeline.tracking.store import connect, tracking_uri
 
 
+@contextmanager
+def requirements_as_given() -> Iterator[None]:
+    """Log models whose pip requirements we give (pinned to the versions running now) without
+    MLflow's scan of the whole environment.
+
+    Before checking given requirements against the environment, MLflow maps every importable module
+    to its package by reading every installed package's file list: about 2 s of the first model a
+    process logs. Requirements that name packages need no such map (MLflow then reads each version by
+    package name), so an empty one stands in while our models are logged, and the scan is left for
+    any model whose requirements MLflow infers. The map is a private name of MLflow's: where it
+    changes, this does nothing and the scan runs as before.
+    """
+    from mlflow.utils import requirements_utils
+
+    if getattr(requirements_utils, "_MODULES_TO_PACKAGES", False) is not None:
+        yield  # already scanned in this process, or the name has changed
+        return
+    requirements_utils._MODULES_TO_PACKAGES = {}
+    try:
+        yield
+    finally:
+        requirements_utils._MODULES_TO_PACKAGES = None
+
+
 def log_torch_model(model: Any, example: Any, class_names: list[str], step: int = 0) -> str:
     """Log the model with mlflow.pytorch (signature + example) and a plain checkpoint.
 
@@ -46,14 +72,15 @@ def log_torch_model(model: Any, example: Any, class_names: list[str], step: int 
     model = model.to("cpu", memory_format=torch.contiguous_format).eval()
     with torch.inference_mode():
         logits = model(torch.from_numpy(example)).numpy()
-    info = mlflow.pytorch.log_model(
-        model,
-        name=TORCH_MODEL_NAME,
-        step=step,
-        signature=infer_signature(example, logits),
-        input_example=example,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-    )
+    with requirements_as_given():
+        info = mlflow.pytorch.log_model(
+            model,
+            name=TORCH_MODEL_NAME,
+            step=step,
+            signature=infer_signature(example, logits),
+            input_example=example,
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
     mlflow.set_tag(TORCH_URI_TAG, info.model_uri)  # later stages link their metrics to it
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / Path(CHECKPOINT_ARTIFACT).name
@@ -72,17 +99,18 @@ def log_onnx_model(path: Path, variant: str, input_example: Any, output_example:
     import onnxruntime
     from mlflow.models import infer_signature
 
-    info = mlflow.onnx.log_model(
-        onnx.load_model(str(path)),
-        name=ONNX_MODEL_NAMES[variant],
-        step=step,
-        signature=infer_signature(input_example, output_example),
-        input_example=input_example,
-        onnx_execution_providers=["CPUExecutionProvider"],
-        save_as_external_data=False,
-        # Given, not inferred: inference would load the model in a subprocess for nothing.
-        pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
-    )
+    with requirements_as_given():
+        info = mlflow.onnx.log_model(
+            onnx.load_model(str(path)),
+            name=ONNX_MODEL_NAMES[variant],
+            step=step,
+            signature=infer_signature(input_example, output_example),
+            input_example=input_example,
+            onnx_execution_providers=["CPUExecutionProvider"],
+            save_as_external_data=False,
+            # Given, not inferred: inference would load the model in a subprocess for nothing.
+            pip_requirements=[f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"],
+        )
     mlflow.set_tag(ONNX_URI_TAGS[variant], info.model_uri)
     return info.model_uri
 
@@ -117,22 +145,23 @@ def log_image_model(onnx_path: Path, example_image: bytes, step: int = 0) -> str
         ),
         params=ParamSchema([ParamSpec("top_k", DataType.long, 3), ParamSpec("preprocess", DataType.string, "auto")]),
     )
-    info = mlflow.pyfunc.log_model(
-        name=IMAGE_MODEL_NAME,
-        python_model=str(Path(__file__).with_name("image_model.py")),  # a model from code: no pickle
-        artifacts={"onnx_model": str(onnx_path)},  # image_model.ONNX_ARTIFACT, not imported: it sets the model
-        signature=signature,
-        input_example=pd.DataFrame({"image": [example_image]}),
-        step=step,
-        code_paths=[str(Path(pipeline.__file__).parent)],
-        # Given, not inferred: no torch in a model that only converts images and runs onnxruntime.
-        pip_requirements=[
-            f"onnxruntime=={onnxruntime.__version__}",
-            f"pillow=={PIL.__version__}",
-            f"numpy=={np.__version__}",
-            f"pandas=={pd.__version__}",
-        ],
-    )
+    with requirements_as_given():
+        info = mlflow.pyfunc.log_model(
+            name=IMAGE_MODEL_NAME,
+            python_model=str(Path(__file__).with_name("image_model.py")),  # a model from code: no pickle
+            artifacts={"onnx_model": str(onnx_path)},  # image_model.ONNX_ARTIFACT, not imported: it sets the model
+            signature=signature,
+            input_example=pd.DataFrame({"image": [example_image]}),
+            step=step,
+            code_paths=[str(Path(pipeline.__file__).parent)],
+            # Given, not inferred: no torch in a model that only converts images and runs onnxruntime.
+            pip_requirements=[
+                f"onnxruntime=={onnxruntime.__version__}",
+                f"pillow=={PIL.__version__}",
+                f"numpy=={np.__version__}",
+                f"pandas=={pd.__version__}",
+            ],
+        )
     mlflow.set_tag(IMAGE_URI_TAG, info.model_uri)
     return info.model_uri
 
