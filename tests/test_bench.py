@@ -184,6 +184,15 @@ def test_too_few_steps_would_skip_the_chapters_evaluation():
         BenchConfig(train_steps=20)
 
 
+def test_quick_mode_times_our_evaluation_on_a_fifth_of_the_test_set_unless_chosen():
+    from pipeline.bench.config import BenchConfig
+
+    assert BenchConfig(quick=True).eval_images == 2000 and BenchConfig().eval_images == 10000
+    assert BenchConfig(quick=True, eval_images=10000).eval_images == 10000
+    with pytest.raises(ValueError, match="eval_images"):
+        BenchConfig(eval_images=10001)
+
+
 def test_timing_budget_is_by_mode_unless_chosen():
     assert BenchConfig(quick=True).timing_budget(3.0) == 1.0
     assert BenchConfig().timing_budget(3.0) == 3.0 and BenchConfig().timing_budget(2.0) == 2.0
@@ -207,7 +216,8 @@ def test_quick_bench_end_to_end(real_data_dir, tracking_store, tmp_path):
     assert "old native tables" not in written and "old avx2 tables" in written and "quick mode.*" in written
     assert "| target | measured | result |" in written.split("<!-- bench:native:end -->")[0]
     results = json.loads((out / "bench.json").read_text())
-    assert results["config"]["timing_s"] == 0.2
+    assert results["config"]["timing_s"] == 0.2 and results["config"]["eval_images"] == 2000
+    assert "our evaluation is timed on 2,000 test images and scaled to 10,000" in result.output
     assert (out / "bench.md").read_text().startswith("Machine:")
     for model in ("cnn", "dnn"):
         row = results["training"][model]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.bench.config import TEST_IMAGES
 from pipeline.bench.flops import TRAINING_FLOPS_PER_FORWARD
 from pipeline.files import write_text
 
@@ -164,7 +165,12 @@ def machine_line(results: dict[str, Any]) -> str:
         + f'. `--precision auto` resolves to {default["precision"]} here; "ours" and "default" rows ran that. '
         f"Mode: {'quick' if config['quick'] else 'full'}, "
         f"{config['train_steps']} training steps per measurement; training, lever and MLflow figures "
-        f"are medians of {config['rounds']} alternating rounds."
+        f"are medians of {config['rounds']} alternating rounds"
+        + (
+            f"; our evaluation is timed on {config['eval_images']:,} test images and scaled to 10,000."
+            if config.get("eval_images", TEST_IMAGES) < TEST_IMAGES
+            else "."
+        )
     )
 
 
