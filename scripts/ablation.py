@@ -122,6 +122,12 @@ VARIANTS = [
     ("  + weight average (EMA 0.998) judged", "cnn_plus", {}, weight_average),
     ("  + wider convs (64, 128)", "cnn_plus", {}, lambda: widths(64, 128)),
     ("  + batch 256 for 8 epochs, lr 0.006", "cnn_plus", {"batch_size": 256, "epochs": 8, "lr": 0.006}),
+    (
+        "  + batch 256 for 8 epochs, lr 0.006, flip test-time augmentation",
+        "cnn_plus",
+        {"batch_size": 256, "epochs": 8, "lr": 0.006},
+        flip_test_time_augmentation,
+    ),
     ("cnn (the chapter's model and recipe)", "cnn", {}),
 ]
 
