@@ -221,28 +221,24 @@ def register_run(run_id: str, name: str | None = None) -> Registration:
         onnx = _register_model(
             client, name, onnx_uri, run_id, f"ONNX model. {description}.", {**version_tags, FORMAT_TAG: "onnx"}
         )
-        torch_uri = tags.get(TORCH_URI_TAG)
-        pytorch = None
-        if torch_uri:
-            pytorch = _register_model(
+        # The run's other logged forms of the same model, registered beside it as its twins.
+        twins = {
+            "pytorch": (TORCH_URI_TAG, PYTORCH_SUFFIX, "PyTorch model (mlflow.pytorch)"),
+            "images": (IMAGE_URI_TAG, IMAGES_SUFFIX, "Image model (photos in: PNG/JPEG bytes; classes out)"),
+        }
+        registered_twins = {
+            form: _register_model(
                 client,
-                name + PYTORCH_SUFFIX,
-                torch_uri,
+                name + suffix,
+                tags[uri_tag],
                 run_id,
-                f"PyTorch model (mlflow.pytorch) of {name} v{onnx.version}. {description}.",
-                {**version_tags, FORMAT_TAG: "pytorch"},
+                f"{what} of {name} v{onnx.version}. {description}.",
+                {**version_tags, FORMAT_TAG: form},
             )
-        image_uri = tags.get(IMAGE_URI_TAG)
-        served = None
-        if image_uri:
-            served = _register_model(
-                client,
-                name + IMAGES_SUFFIX,
-                image_uri,
-                run_id,
-                f"Image model (photos in: PNG/JPEG bytes; classes out) of {name} v{onnx.version}. {description}.",
-                {**version_tags, FORMAT_TAG: "images"},
-            )
+            for form, (uri_tag, suffix, what) in twins.items()
+            if tags.get(uri_tag)
+        }
+        pytorch, served = registered_twins.get("pytorch"), registered_twins.get("images")
         for registered in filter(None, (onnx, pytorch, served)):
             client.set_registered_model_alias(registered.name, CANDIDATE, registered.version)
     except MlflowException as exc:
