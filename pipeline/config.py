@@ -223,8 +223,8 @@ def train_config_from_params(params: dict[str, str], **overrides) -> TrainConfig
 # above, which are the chapter's recipe for its dnn and cnn. Chosen on the validation split
 # (docs/recipe.md); an option the user gives always wins over the recipe.
 RECIPES: dict[str, dict[str, Any]] = {
-    # 6 epochs of batch 100 take less time than the chapter CNN's 5 (its steps are cheaper; 7 did
-    # not fit); batch 256 trained no faster per image here and reached less. Horizontal flips
+    # 6 epochs of batch 100 take about the time of the chapter CNN's 5 (its steps are cheaper; 7
+    # did not fit); batch 256 trained no faster per image here and reached less. Horizontal flips
     # added 0.36 points of validation accuracy over 3 seeds at no measurable cost in time; random
     # crops cost accuracy in a schedule this short.
     "cnn_plus": {
