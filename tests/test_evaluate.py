@@ -205,6 +205,7 @@ def test_evaluate_prints_the_table_with_the_weakest_classes(evaluated):
     assert f"Logged into run {evaluated['run_id']}" in out and "confusion_matrix.png" in out
 
 
+@pytest.mark.slow
 def test_evaluate_by_model_uri_logs_into_the_source_run(evaluated, use_trained_run):
     import mlflow
 
@@ -283,6 +284,7 @@ def test_training_curves_keep_one_point_per_step_and_figures_save_atomically(tmp
         assert image.format == "PNG"
 
 
+@pytest.mark.slow
 def test_evaluating_again_replaces_the_ui_table(evaluated, use_trained_run):
     import mlflow
 
@@ -439,6 +441,7 @@ def test_the_temperature_calibrates_the_exported_model_and_predict(dnn_with_vali
     assert table["confidence"].to_numpy() == pytest.approx(probs.max(1), abs=1e-6)
 
 
+@pytest.mark.slow
 def test_a_figure_that_cannot_be_drawn_fails_the_run_before_anything_is_logged(dnn_with_validation, monkeypatch):
     import mlflow
 

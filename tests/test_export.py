@@ -220,6 +220,7 @@ def test_fold_merges_the_cnn_and_leaves_the_original_untouched(trained_model):
     assert torch.equal(expected.argmax(1), actual.argmax(1))
 
 
+@pytest.mark.slow
 def test_folded_graph_has_one_gemm_where_the_plain_one_has_three(trained_model, tmp_path):
     model, class_names, run = trained_model
     plain = export.export_onnx(model, tmp_path / "plain.onnx", class_names, "cnn", run["run_id"], fold=False)

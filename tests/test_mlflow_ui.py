@@ -143,6 +143,7 @@ def test_each_logged_model_has_its_own_metrics(exported_onnx_uri, use_trained_ru
     assert onnx_accuracy == [pytest.approx(run.data.metrics["test_accuracy"])] * len(onnx_accuracy)
 
 
+@pytest.mark.slow
 def test_system_metrics_are_sampled_while_a_run_is_open(tracking_store, monkeypatch):
     """Sampled every SYSTEM_METRICS_INTERVAL_S while the run is open; a run shorter than one interval
     (the session's tiny training, on a quiet machine) ends before the first sample, so this one waits.

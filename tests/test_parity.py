@@ -105,6 +105,7 @@ def test_swapped_class_weights_fail_and_name_the_disagreeing_inputs(exported, tm
     assert f"onnx says {result.worst[0].onnx_class!r}" in result.failure_message()
 
 
+@pytest.mark.slow
 def test_unfolded_export_passes_too_and_agrees_with_the_folded_one(exported, tmp_path):
     model, run_id = exported["model"], exported["run_id"]
     plain = export.export_onnx(model, tmp_path / "plain.onnx", exported["class_names"], "cnn", run_id, fold=False)
@@ -114,6 +115,7 @@ def test_unfolded_export_passes_too_and_agrees_with_the_folded_one(exported, tmp
     assert folded.torch_test_accuracy == result.onnx_test_accuracy == folded.onnx_test_accuracy
 
 
+@pytest.mark.slow
 def test_a_wrong_fold_of_the_cnn_fails(exported, tmp_path):
     """A plausible folding bug: merging fc1..fc3 but forgetting fc1's bias as it passes through fc2, fc3."""
     model = exported["model"]
@@ -126,6 +128,7 @@ def test_a_wrong_fold_of_the_cnn_fails(exported, tmp_path):
     assert result.max_abs_diff > 1e-4
 
 
+@pytest.mark.slow
 def test_merging_linears_across_a_relu_is_caught(exported, tmp_path):
     """FashionDNN has ReLUs between its linears: merging them anyway changes what it computes."""
     torch.manual_seed(0)
@@ -143,6 +146,7 @@ def test_merging_linears_across_a_relu_is_caught(exported, tmp_path):
     assert check_parity(dnn, honest, test.images, test.labels, exported["class_names"]).passed
 
 
+@pytest.mark.slow
 def test_a_model_exported_in_train_mode_fails(exported, tmp_path):
     model = exported["model"]
     model.train()  # dropout live in the graph: the export no longer computes the eval model
@@ -234,6 +238,7 @@ def test_cli_export_logs_models_parity_and_int8_to_the_run(use_trained_run, tmp_
     assert "PASSED" in again.output
 
 
+@pytest.mark.slow
 def test_cli_no_fold_exports_the_plain_graph(use_trained_run, tmp_path):
     args = ["export-onnx", "--run-id", use_trained_run["run_id"], "--output", str(tmp_path), "--no-fold"]
     result = CliRunner().invoke(cli, [*args, "--data-dir", str(use_trained_run["data_dir"])])

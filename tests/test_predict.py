@@ -571,6 +571,7 @@ def test_model_uris_of_other_stores_are_a_clear_error(tracking_store, tmp_path, 
 # --------------------------------------------------------------------------- issue 22: photos in, right answers out
 
 
+@pytest.mark.slow
 @pytest.mark.real_data
 def test_photos_need_no_flag_to_be_predicted_as_well_as_the_dataset(real_data_dir, real_dnn, tmp_path):
     """Real test images made into photos (dark on a tinted light background, 8-16x, off-centre on a

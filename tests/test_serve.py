@@ -167,6 +167,7 @@ def test_the_images_model_serves_photos_as_predict_classifies_them(
     assert "Traceback" not in log.read_text()
 
 
+@pytest.mark.slow
 def test_the_images_model_loads_without_torch(champion_uri, use_trained_run, tmp_path):
     """The served image model's code is the conversion and onnxruntime: loading and using it imports no torch."""
     photo = tmp_path / "photo.png"
