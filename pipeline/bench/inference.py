@@ -75,14 +75,23 @@ def bench_inference(cfg: BenchConfig, model: torch.nn.Module, onnx_paths: dict[s
 
 
 def bench_onnxruntime_levers(
-    cfg: BenchConfig, model: torch.nn.Module, class_names: list[str], workdir: Path, batch: int = 256
+    cfg: BenchConfig,
+    model: torch.nn.Module,
+    class_names: list[str],
+    workdir: Path,
+    batch: int = 256,
+    folded: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Export-time folding and onnxruntime session options, at one batch size, from uint8 arrays."""
+    """Export-time folding and onnxruntime session options, at one batch size, from uint8 arrays.
+
+    `folded`: the default (folded) export of `model` if there is one already; else it is exported here.
+    """
     from pipeline.export import export_onnx
 
     images = load_split(cfg.data_dir, "test").images
     plain = export_onnx(model, workdir / "plain.onnx", class_names, model.registry_name, "bench", fold=False)
-    folded = export_onnx(model, workdir / "folded.onnx", class_names, model.registry_name, "bench", fold=True)
+    if folded is None:
+        folded = export_onnx(model, workdir / "folded.onnx", class_names, model.registry_name, "bench", fold=True)
     level = ort.GraphOptimizationLevel
     variants = [
         ("not folded, all graph optimisations, 2 threads", plain, level.ORT_ENABLE_ALL, 0),

@@ -86,13 +86,19 @@ def time_full_job(model_name: str = "cnn") -> dict[str, Any]:
 
 
 def run_benchmarks(
-    cfg: BenchConfig, model: torch.nn.Module, class_names: list[str], workdir: Path, progress=lambda message: None
+    cfg: BenchConfig,
+    model: torch.nn.Module | None,
+    class_names: list[str],
+    workdir: Path,
+    progress=lambda message: None,
 ) -> dict[str, Any]:
+    """Every measurement; inference on `model`, or with None on the CNN the training measurement trained."""
     results: dict[str, Any] = {"date": date.today().isoformat(), "machine": machine(), "config": config_dict(cfg)}
     progress("the machine's own limit: GEMM throughput")
     results["limits"] = gemm_limits(min(cfg.timing_budget(1.0), 1.0))
     progress("training: the chapter's loop vs ours")
-    results["training"] = bench_training(cfg)
+    results["training"], trained_cnn = bench_training(cfg)
+    model = trained_cnn if model is None else model
     progress("training levers")
     results["levers"] = bench_levers(cfg)
     if not cfg.quick:  # a compile in an empty cache alone takes longer than the quick bench's training
@@ -109,7 +115,9 @@ def run_benchmarks(
     progress("photos: predict on PNG photos, --preprocess none vs auto")
     results["photos"] = bench_photos(cfg, paths["onnxruntime fp32"])
     progress("onnxruntime levers: folding, session options")
-    results["onnxruntime_levers"] = bench_onnxruntime_levers(cfg, model, class_names, workdir)
+    results["onnxruntime_levers"] = bench_onnxruntime_levers(
+        cfg, model, class_names, workdir, folded=paths["onnxruntime fp32"]
+    )
     progress("peak memory")
     results["memory"] = bench_memory(cfg, paths["onnxruntime fp32"])
     progress("the faster recipe (cnn_plus) vs the chapter CNN's 5-epoch training")

@@ -16,7 +16,7 @@ import torch
 from pipeline.bench.config import CHAPTER_BATCH, CHAPTER_EVAL_EVERY, EPOCH_STEPS, BenchConfig
 from pipeline.bench.flops import TRAINING_FLOPS_PER_FORWARD, forward_flops
 from pipeline.bench.timing import medians
-from pipeline.callbacks import TrainCallback
+from pipeline.callbacks import TrainCallback, TrainResult
 from pipeline.data import load_split
 from pipeline.evaluate import compute_logits, images_to_tensor
 from pipeline.models import build_model
@@ -76,17 +76,20 @@ def chapter_loop(data_dir: Path, model_name: str, steps: int, seed: int = 0) -> 
     }
 
 
-def our_training(data_dir: Path, model_name: str, steps: int, eval_images: int, **levers: Any) -> dict[str, float]:
-    """Our train stage for `steps` steps (tracking off), then one timed evaluation of the first
-    `eval_images` test images, as the stage evaluates (its model, layout and eval batch), scaled
-    to the whole test set: evaluation time is linear in the images, and quick mode needs a fifth."""
-    config = TrainConfig(model=model_name, max_steps=steps, data_dir=data_dir, test_eval="never", **levers)
-    result = train(config)
+def our_training(data_dir: Path, model_name: str, steps: int, **levers: Any) -> TrainResult:
+    """Our train stage for `steps` steps, tracking off and no test evaluation (timed apart)."""
+    return train(TrainConfig(model=model_name, max_steps=steps, data_dir=data_dir, test_eval="never", **levers))
+
+
+def training_figures(result: TrainResult, data_dir: Path, eval_images: int, eval_batch_size: int | None = None) -> dict:
+    """A training's figures, then one timed evaluation of the first `eval_images` test images as the
+    stage evaluates (its model, layout and eval batch unless one is given), scaled to the whole test
+    set: evaluation time is linear in the images, and quick mode needs a fifth."""
     test = load_split(data_dir, "test")
     images = images_to_tensor(test.images[:eval_images])
     labels = torch.from_numpy(test.labels[:eval_images])
     started = time.perf_counter()
-    logits = compute_logits(result.model, images, config.eval_batch_size)
+    logits = compute_logits(result.model, images, eval_batch_size or result.params["eval_batch_size"])
     eval_seconds = time.perf_counter() - started
     m = result.metrics
     return {
@@ -105,20 +108,22 @@ def five_epoch_seconds(step_s: float, eval_s: float, evaluations: int) -> float:
 def warm_up(data_dir: Path, eval_images: int) -> None:
     # The first steps in a process pay for allocator growth and oneDNN kernel selection;
     # without this the first measurement of a run looks slower than it is.
-    our_training(data_dir, "cnn", 5, eval_images)
+    training_figures(our_training(data_dir, "cnn", 5), data_dir, eval_images)
 
 
-def bench_training(cfg: BenchConfig) -> dict[str, Any]:
+def bench_training(cfg: BenchConfig) -> tuple[dict[str, Any], torch.nn.Module]:
+    """The chapter's loop against ours, per model; also hands back the CNN our last round trained
+    (the model inference is measured on when no finished run is given: no training of its own)."""
     warm_up(cfg.data_dir, cfg.eval_images)
     out: dict[str, Any] = {}
+    trained: dict[str, torch.nn.Module] = {}
     for name in ("cnn", "dnn"):
-        pairs = [
-            (
-                chapter_loop(cfg.data_dir, name, cfg.train_steps),
-                our_training(cfg.data_dir, name, cfg.train_steps, cfg.eval_images),
-            )
-            for _ in range(cfg.rounds)
-        ]
+        pairs = []
+        for _ in range(cfg.rounds):
+            chapter = chapter_loop(cfg.data_dir, name, cfg.train_steps)
+            ours = our_training(cfg.data_dir, name, cfg.train_steps)
+            pairs.append((chapter, training_figures(ours, cfg.data_dir, cfg.eval_images)))
+            trained[name] = ours.model
         chapter, ours = medians([c for c, _ in pairs]), medians([o for _, o in pairs])
         flops = TRAINING_FLOPS_PER_FORWARD * forward_flops(build_model(name))
         out[name] = {
@@ -138,7 +143,7 @@ def bench_training(cfg: BenchConfig) -> dict[str, Any]:
                 ours["seconds_per_step"], ours["seconds_per_evaluation"], 5
             ),
         }
-    return out
+    return out, trained["cnn"]
 
 
 def describe_levers(precision: str, channels_last: bool) -> str:
@@ -192,15 +197,23 @@ def bench_levers(cfg: BenchConfig) -> list[dict[str, Any]]:
     variants = lever_variants()
     warm_up(cfg.data_dir, cfg.eval_images)
     threads = torch.get_num_threads()
-    measured: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in variants}
+    figures: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in variants}
     for _ in range(cfg.rounds):  # every variant once per round, so slow spells hit them all
+        # A row that changes only the evaluation batch times the evaluation of a training with the
+        # same levers in this round: training again would measure the same thing twice.
+        trainings: dict[tuple[str, int | None], TrainResult] = {}
         for label, levers, num_threads in variants:
+            training_levers = {k: v for k, v in levers.items() if k != "eval_batch_size"}
+            key = (repr(sorted(training_levers.items())), num_threads)
             torch.set_num_threads(num_threads or threads)
             try:
-                measured[label].append(our_training(cfg.data_dir, "cnn", steps, cfg.eval_images, **levers))
+                if key not in trainings:
+                    trainings[key] = our_training(cfg.data_dir, "cnn", steps, **training_levers)
+                row = training_figures(trainings[key], cfg.data_dir, cfg.eval_images, levers.get("eval_batch_size"))
+                figures[label].append(row)
             finally:
                 torch.set_num_threads(threads)
-    rows = [{"lever": label, **medians(runs)} for label, runs in measured.items()]
+    rows = [{"lever": label, **medians(runs)} for label, runs in figures.items()]
     base = rows[0]
     for row in rows:
         row["train_speedup"] = row["train_images_per_s"] / base["train_images_per_s"]
