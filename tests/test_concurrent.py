@@ -12,6 +12,7 @@ import mlflow
 import pytest
 
 from tests.helpers import REPO
+from tests.warm import WarmPopen
 
 PROCESSES = 4
 STEPS = 3
@@ -43,7 +44,7 @@ def test_four_trainings_at_once_on_a_fresh_store(tmp_path, synthetic_data_dir):
     train = ["train", "--model", "dnn", "--max-steps", str(STEPS), "--log-every", "1", "--batch-size", "50"]
     train += ["--allow-other-data", "--data-dir", str(synthetic_data_dir), "--experiment", "race"]
     workers = [
-        subprocess.Popen(
+        WarmPopen(  # tests/warm.py: forked with mlflow and torch imported, as WORKER imports them before the barrier
             [sys.executable, "-c", WORKER, str(tmp_path), str(i), *train],
             env=env,
             stdout=subprocess.PIPE,

@@ -20,6 +20,7 @@ from pipeline.config import TrainConfig, train_config
 from pipeline.distributed import World, global_batch_size, shard, torchrun_command, train_flags
 from pipeline.errors import PipelineError
 from pipeline.train import shuffled_batches
+from tests.warm import WarmPopen
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -111,15 +112,17 @@ def store_env(tmp_path: Path, empty_store: Path) -> dict[str, str]:
 def test_two_gloo_processes_train_one_run_logged_by_rank_0(synthetic_data_dir, tmp_path, store_env):
     args = ["--model", "cnn", "--epochs", "2", "--log-every", "3", "--allow-other-data", "--no-system-metrics"]
     args += ["--data-dir", str(synthetic_data_dir)]
-    done = subprocess.run(
+    # The launcher warm (tests/warm.py); torchrun and the ranks are fresh interpreters, as always.
+    launcher = WarmPopen(
         [sys.executable, "-m", "pipeline", "train", "--nproc", "2", *args],
         env=store_env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=240,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("Run id:") == 1  # rank 0 reports; rank 1 is silent
+    stdout, stderr = launcher.communicate(timeout=240)
+    assert launcher.returncode == 0, stderr[-3000:]
+    assert stdout.count("Run id:") == 1  # rank 0 reports; rank 1 is silent
 
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("ddp").experiment_id])
@@ -170,7 +173,7 @@ def rank_pid(launcher: int, rank: int) -> int | None:
 @pytest.mark.slow
 def test_a_rank_that_dies_stops_the_others_with_an_error(synthetic_data_dir, tmp_path, store_env):
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    launcher = subprocess.Popen(
+    launcher = WarmPopen(  # tests/warm.py
         [sys.executable, "-m", "pipeline", "train", "--nproc", "2", "--model", "dnn", "--epochs", "100000"]
         + ["--log-every", "1", "--allow-other-data", "--no-system-metrics", "--data-dir", str(synthetic_data_dir)],
         env=store_env,

@@ -20,6 +20,7 @@ from PIL import Image
 from pipeline import tracking
 from pipeline.cli import cli
 from tests.helpers import REPO, write_synthetic_dataset
+from tests.warm import WarmPopen
 
 # A DNN on 1,200 synthetic images in batches of 50: 24 steps an epoch, 4 epochs, a few seconds.
 TRAIN_ARGS = ["train", "--model", "dnn", "--batch-size", "50", "--log-every", "5", "--allow-other-data"]
@@ -31,16 +32,15 @@ def data_1200(tmp_path_factory) -> Path:
     return write_synthetic_dataset(tmp_path_factory.mktemp("synthetic_1200"), n_train=1200)
 
 
-def start_pipeline(*args: str, **popen) -> subprocess.Popen:
-    """A real `pipeline` process on the test's store (MLFLOW_TRACKING_URI is in os.environ)."""
+def start_pipeline(*args: str, **popen) -> WarmPopen:
+    """A real `pipeline` process on the test's store (MLFLOW_TRACKING_URI is in os.environ), started
+    warm (tests/warm.py): the signals and the kill are what is tested, not the imports."""
     env = {**os.environ, "MLFLOW_EXPERIMENT_NAME": "tests", "PYTHONPATH": str(REPO)}
     env.pop("MLFLOW_RUN_ID", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args], env=env, stderr=subprocess.PIPE, text=True, **popen
-    )
+    return WarmPopen([sys.executable, "-m", "pipeline.cli", *args], env=env, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def wait_for(condition, process: subprocess.Popen, what: str, timeout: float = 120.0):
+def wait_for(condition, process: WarmPopen, what: str, timeout: float = 120.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = condition()
@@ -73,6 +73,43 @@ def histories(run_id: str) -> dict[str, list[tuple[int, float]]]:
     client = mlflow.MlflowClient()
     keys = ("train_loss_step", "train_loss", "test_loss", "test_accuracy", "epoch")
     return {key: sorted((m.step, m.value) for m in client.get_metric_history(run_id, key)) for key in keys}
+
+
+# ----------------------------------------------------------------- the warm processes themselves
+
+ECHO = """
+import os, sys
+line = sys.stdin.readline()
+print(sys.argv[1:], os.environ["WARM_CHECK"], os.getcwd(), line.strip())
+print("on stderr", file=sys.stderr)
+if sys.argv[1] == "raise":
+    raise ValueError("raised")
+sys.exit(sys.argv[1] if sys.argv[1] == "a message" else int(sys.argv[1]))
+"""
+
+
+@pytest.mark.slow
+def test_a_warm_process_behaves_as_python_itself(tmp_path):
+    """What the tests read of a process (exit code, stdout, stderr, its environment, folder and
+    stdin) is the same from WarmPopen as from python itself; only the imports are done already."""
+    env = {**os.environ, "WARM_CHECK": "env-given"}
+    for arg in ("0", "3", "a message", "raise"):
+        command = [sys.executable, "-c", ECHO, arg]
+        cold = subprocess.run(command, input="line\n", env=env, cwd=tmp_path, capture_output=True, text=True)
+        pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        warm = WarmPopen(command, env=env, cwd=tmp_path, **pipes)
+        warm.stdin.write("line\n")
+        out, err = warm.communicate(timeout=60)
+        assert (warm.returncode, out) == (cold.returncode, cold.stdout), arg
+        # A traceback names other frames (warm's own runner); its last line is the same.
+        assert err.splitlines()[-1] == cold.stderr.splitlines()[-1] and err.startswith("on stderr"), arg
+    assert "env-given" in out and str(tmp_path) in out
+
+    sleeper = WarmPopen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sleeper.send_signal(signal.SIGTERM)
+    assert sleeper.wait(timeout=30) == -signal.SIGTERM  # as Popen reports a death by signal
+    warm = WarmPopen([sys.executable, "-c", "import sys; print('torch' in sys.modules)"], stdout=subprocess.PIPE)
+    assert warm.communicate(timeout=60)[0] == b"True\n"  # and it started warm
 
 
 # ----------------------------------------------------------------- SIGTERM

@@ -26,6 +26,7 @@ from pipeline import tracking
 from pipeline.cli import cli
 from pipeline.errors import PipelineError
 from pipeline.server import PG_DATABASE, PG_USER, ServerConfig, start_server, stop_server
+from tests.warm import WarmPopen
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -186,7 +187,7 @@ def test_four_clients_at_once_lose_nothing_and_mix_nothing(on_server, synthetic_
 
     started = time.monotonic()
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    clients = [subprocess.Popen(command, env=env, **pipes) for command in commands]
+    clients = [WarmPopen(command, env=env, **pipes) for command in commands]  # tests/warm.py: no imports each
     outputs = [client.communicate(timeout=300) for client in clients]
     seconds = time.monotonic() - started
     failures = [out[1][-2000:] for client, out in zip(clients, outputs, strict=True) if client.returncode != 0]
@@ -264,7 +265,7 @@ def test_two_tune_workers_started_at_once_share_one_study_and_one_parent_run(on_
     command += ["--storage", storage, "--val-size", "100", "--max-steps", "4", "--pruner", "none"]
     command += ["--allow-other-data", "--data-dir", str(synthetic_data_dir)]
     pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-    workers = [subprocess.Popen(command, env=env, **pipes) for _ in range(2)]
+    workers = [WarmPopen(command, env=env, **pipes) for _ in range(2)]  # tests/warm.py
     outputs = [worker.communicate(timeout=240) for worker in workers]
     assert [worker.returncode for worker in workers] == [0, 0], [err[-2000:] for _, err in outputs]
 
@@ -284,7 +285,7 @@ def test_a_server_that_goes_away_mid_run_fails_it_clearly_and_comes_back(on_serv
     """Last in the module: it stops the server, then starts it again."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_EXPERIMENT_NAME": "faults"}
     data = ["--data-dir", str(synthetic_data_dir)]
-    training = subprocess.Popen(
+    training = WarmPopen(  # tests/warm.py
         [sys.executable, "-m", "pipeline", "train", "--model", "dnn", "--epochs", "100000", "--log-every", "1"]
         + ["--allow-other-data", *data],
         env=env,
