@@ -217,7 +217,7 @@ def test_quick_bench_end_to_end(real_data_dir, tracking_store, tmp_path):
     assert "| target | measured | result |" in written.split("<!-- bench:native:end -->")[0]
     results = json.loads((out / "bench.json").read_text())
     assert results["config"]["timing_s"] == 0.2 and results["config"]["eval_images"] == 2000
-    assert "our evaluation is timed on 2,000 test images and scaled to 10,000" in result.output
+    assert "the chapter's and ours, is timed on 2,000 test images and scaled to 10,000" in result.output
     assert (out / "bench.md").read_text().startswith("Machine:")
     for model in ("cnn", "dnn"):
         row = results["training"][model]

@@ -32,8 +32,9 @@ class BenchConfig:
     # 1 in quick mode, else 3 (2 for the onnxruntime levers). Each GEMM ceiling takes the same
     # budget, at most 1 s (its best call is the figure, so a longer wait adds little).
     timing_s: float = 0.0
-    # Test images our training's evaluation is timed on, scaled to all 10,000; 0 = by mode: all of
-    # them, or 2,000 with --quick (evaluating is most of a quick measurement's 25-50 steps).
+    # Test images each training's evaluation (the chapter's and ours) is timed on, scaled to all
+    # 10,000; 0 = by mode: all of them, or 2,000 with --quick (evaluating is most of a quick
+    # measurement's 25-50 steps).
     eval_images: int = 0
 
     def __post_init__(self) -> None:

@@ -167,7 +167,8 @@ def machine_line(results: dict[str, Any]) -> str:
         f"{config['train_steps']} training steps per measurement; training, lever and MLflow figures "
         f"are medians of {config['rounds']} alternating rounds"
         + (
-            f"; our evaluation is timed on {config['eval_images']:,} test images and scaled to 10,000."
+            f"; each evaluation, the chapter's and ours, is timed on {config['eval_images']:,} test images "
+            "and scaled to 10,000."
             if config.get("eval_images", TEST_IMAGES) < TEST_IMAGES
             else "."
         )
