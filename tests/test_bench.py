@@ -132,6 +132,41 @@ def test_default_resolves_as_auto_does_on_that_cpu(monkeypatch, features, precis
     assert any("(emulated)" in label for label in labels) == emulated
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_lever_row_that_trains_as_an_earlier_one_times_only_its_evaluation(monkeypatch, threads):
+    from types import SimpleNamespace
+
+    from pipeline.bench import training
+
+    trained, evaluated = [], []
+
+    def our_training(data_dir, model_name, steps, **levers):
+        trained.append((levers, torch.get_num_threads()))
+        return SimpleNamespace(id=len(trained))
+
+    def training_figures(result, data_dir, eval_images, eval_batch_size=None):
+        evaluated.append((result.id, eval_batch_size))
+        return {"train_images_per_s": 100.0 * result.id, "seconds_per_evaluation": 1.0}
+
+    monkeypatch.setattr(training, "our_training", our_training)
+    monkeypatch.setattr(training, "training_figures", training_figures)
+    monkeypatch.setattr(training, "warm_up", lambda *args: None)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        rows = training.bench_levers(BenchConfig(quick=True))
+    finally:
+        torch.set_num_threads(before)
+    variants = training.lever_variants()
+    assert len(rows) == len(evaluated) == len(variants)  # every row has its own evaluation
+    # The grid (4), then the 1-thread row (its own training only where 1 thread is not what runs
+    # already); the two eval-batch rows evaluate the default's training.
+    assert len(trained) == (4 if threads == 1 else 5)
+    default = next(i for i, (label, _, _) in enumerate(variants) if "(default here)" in label)
+    assert [result for result, _ in evaluated[-2:]] == [default + 1] * 2
+    assert [batch for _, batch in evaluated[-2:]] == [100, 1000]
+
+
 def test_cpu_features_are_read_from_cpuinfo_flags():
     text = "model name\t: Intel Xeon\nflags\t\t: fpu avx2 avx512f avx512_vnni amx_bf16 amx_int8\n"
     features = hardware.parse_cpuinfo(text)

@@ -207,12 +207,13 @@ def bench_levers(cfg: BenchConfig) -> list[dict[str, Any]]:
     threads = torch.get_num_threads()
     figures: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in variants}
     for _ in range(cfg.rounds):  # every variant once per round, so slow spells hit them all
-        # A row that changes only the evaluation batch times the evaluation of a training with the
-        # same levers in this round: training again would measure the same thing twice.
-        trainings: dict[tuple[str, int | None], TrainResult] = {}
+        # A row whose training is one this round already ran (it changes only the evaluation batch,
+        # or asks for the thread count in use, as 1 thread on a 1-thread process) times its own
+        # evaluation of that training: training again would measure the same thing twice.
+        trainings: dict[tuple[str, int], TrainResult] = {}
         for label, levers, num_threads in variants:
             training_levers = {k: v for k, v in levers.items() if k != "eval_batch_size"}
-            key = (repr(sorted(training_levers.items())), num_threads)
+            key = (repr(sorted(training_levers.items())), num_threads or threads)
             torch.set_num_threads(num_threads or threads)
             try:
                 if key not in trainings:
