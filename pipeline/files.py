@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-from pipeline import processes
+from pipeline import processes, signals
 from pipeline.errors import PipelineError
 
 # Not mkstemp's 0600: an artifact store or web server running as another user must read these.
@@ -90,12 +90,16 @@ def atomic_write(path: Path | str, mode: str = "wb", **open_kwargs: Any) -> Iter
         raise PipelineError(f"cannot write {path}: its name is longer than the folder takes; choose a shorter name")
     prefix, suffix, stale = _temporary_name_parts(path)
     _remove_stale(path.parent, stale, TEMPORARY_FILE_WRITER)
+    tmp: Path | None = None
     try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
-    except OSError as exc:
-        raise PipelineError(f"cannot write {path}: {exc.strerror or exc}; choose another location") from None
-    tmp = Path(tmp_name)
-    try:
+        # SIGTERM held while the file is made and named: raised any earlier, the finally below
+        # would not know the file it has to remove.
+        with signals.held():
+            try:
+                fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=suffix)
+            except OSError as exc:
+                raise PipelineError(f"cannot write {path}: {exc.strerror or exc}; choose another location") from None
+            tmp = Path(tmp_name)
         with os.fdopen(fd, mode, **open_kwargs) as handle:
             yield handle
             try:
@@ -109,7 +113,8 @@ def atomic_write(path: Path | str, mode: str = "wb", **open_kwargs: Any) -> Iter
         except OSError as exc:  # the name is too long, or a folder sits there
             raise PipelineError(f"cannot write {path}: {exc.strerror or exc}; choose another location") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
 
 
 def write_bytes(path: Path | str, content: bytes) -> Path:

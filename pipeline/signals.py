@@ -51,11 +51,31 @@ def not_an_interrupt(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
 
 
+_holding = threading.local()
+
+
 def _raise_terminated(signum, frame) -> None:
     _received.set()
     # A second SIGTERM ends the process at once, like a second Ctrl-C would in most tools.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    raise Terminated()
+    if not getattr(_holding, "active", False):
+        raise Terminated()
+
+
+@contextmanager
+def held() -> Iterator[None]:
+    """A SIGTERM that lands inside the block is recorded, and raised as Terminated when the block ends.
+
+    For the few steps that make something and then take charge of it, such as creating a temporary
+    file and entering the `try` that removes it: a raise between the two would leave the file behind.
+    Begin the `try` first and make the thing inside this block.
+    """
+    _holding.active = True
+    try:
+        yield
+    finally:
+        _holding.active = False
+    raise_if_received()
 
 
 @contextmanager

@@ -49,3 +49,30 @@ def test_figures_are_readable_by_others(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_sigterm_landing_as_the_temporary_file_is_made_still_removes_it(tmp_path, monkeypatch):
+    """SIGTERM right after mkstemp made the file, before atomic_write could take charge of it (as a
+    busy machine can deschedule a process there): Terminated is raised and no temporary file is left."""
+    import os
+    import signal
+    import tempfile
+
+    from pipeline import files, signals
+
+    made, mkstemp = [], tempfile.mkstemp
+
+    def mkstemp_then_sigterm(**kwargs):
+        fd, name = mkstemp(**kwargs)
+        made.append(name)
+        os.kill(os.getpid(), signal.SIGTERM)  # its handler runs at the next bytecode, here
+        return fd, name
+
+    monkeypatch.setattr(files.tempfile, "mkstemp", mkstemp_then_sigterm)  # tempfile's own, undone after the test
+    try:
+        with pytest.raises(signals.Terminated), signals.sigterm_raises():
+            with atomic_write(tmp_path / "out.csv", "w") as handle:
+                handle.write("never written")
+    finally:
+        signals._received.clear()
+    assert len(made) == 1 and list(tmp_path.iterdir()) == []
