@@ -96,6 +96,27 @@ def widths(*channels: int):
         models.FashionCNNPlus.widths = chosen
 
 
+@contextmanager
+def flat_parameters_apart(lr_factor: float = 1.0):
+    """The optimizer's one-dimensional parameters (batch-norm scales and shifts, biases) without
+    weight decay, at `lr_factor` times the learning rate: decay pulls a batch-norm scale toward
+    zero for no gain, and airbench trains its batch-norm biases at a much higher rate."""
+    build = train_stage.build_optimizer
+
+    def grouped(config, parameters):
+        parameters = list(parameters)
+        optimizer = build(config, [p for p in parameters if p.ndim > 1])
+        flat = [p for p in parameters if p.ndim <= 1]
+        optimizer.add_param_group({"params": flat, "weight_decay": 0.0, "lr": config.lr * lr_factor})
+        return optimizer
+
+    train_stage.build_optimizer = grouped
+    try:
+        yield
+    finally:
+        train_stage.build_optimizer = build
+
+
 # (label, model, settings over the model's recipe[, a change to the model])
 VARIANTS = [
     ("cnn_plus, whole recipe", "cnn_plus", {}),
@@ -128,6 +149,8 @@ VARIANTS = [
         {"batch_size": 256, "epochs": 8, "lr": 0.006},
         flip_test_time_augmentation,
     ),
+    ("  + no weight decay on batch norm and biases", "cnn_plus", {}, flat_parameters_apart),
+    ("  + batch norm and biases: no decay, 4x the lr", "cnn_plus", {}, lambda: flat_parameters_apart(4.0)),
     ("cnn (the chapter's model and recipe)", "cnn", {}),
 ]
 
