@@ -198,6 +198,36 @@ def test_any_other_refusal_of_a_write_is_not_retried():
     assert len(calls) == 1
 
 
+def test_a_run_whose_end_meets_a_locked_database_is_still_ended(tracking_store, monkeypatch):
+    """SQLite refuses the end's write at once when the system-metrics thread's last batch meets it,
+    and mlflow.end_run has already let go of the run: it is marked ended again, and stays so."""
+    client = mlflow.MlflowClient()
+    set_terminated, refused = client.set_terminated, []
+
+    def locked_once(self, run_id, status=None, end_time=None):
+        if not refused:
+            refused.append(run_id)
+            raise mlflow.exceptions.MlflowException("(sqlite3.OperationalError) database is locked")
+        return set_terminated(run_id, status, end_time)
+
+    monkeypatch.setattr(mlflow.MlflowClient, "set_terminated", locked_once)
+    with pytest.raises(KeyboardInterrupt), tracking.run(run_name="locked at the end") as active:
+        raise KeyboardInterrupt
+    assert refused == [active.run_id]
+    assert mlflow.get_run(active.run_id).info.status == "KILLED" and mlflow.active_run() is None
+
+
+def test_mlflows_traceback_for_a_locked_database_is_left_out_and_nothing_else():
+    import logging
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("mlflow.store.db.utils", logging.ERROR, "", 0, "db error", (), (type(exc), exc, None))
+
+    locked = Exception("(sqlite3.OperationalError) database is locked")
+    assert not tracking.runs.not_a_lock_retried(record(locked))
+    assert tracking.runs.not_a_lock_retried(record(Exception("(sqlite3.OperationalError) no such table: runs")))
+
+
 def test_our_models_are_logged_without_scanning_the_whole_environment(tracking_store, monkeypatch):
     """Their requirements are given and pinned; MLflow's map of every module to its package (a ~2 s
     scan per process) is not built for them, and is left for a model whose requirements it infers."""

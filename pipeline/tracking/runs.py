@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -51,6 +52,8 @@ def run(
     it to $MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.
     """
     configure(experiment)
+    # A locked SQLite database is retried or reported as one line; MLflow's own report is a traceback.
+    logging.getLogger("mlflow.store.db.utils").addFilter(not_a_lock_retried)
     if run_id:
         # start_run refuses to resume a run outside the active experiment, so follow the run.
         mlflow.set_experiment(experiment_id=get_run(run_id).experiment_id)
@@ -152,16 +155,49 @@ def _ended_by_outcome(active: mlflow.ActiveRun) -> Iterator[None]:
             raise server_lost(active.info.run_id, untold, marked=False) from None
 
 
+# SQLite's refusal of a write that met another connection's: at once, not after its busy timeout,
+# when both read before writing (neither can wait for the other).
+_LOCKED = ("database is locked", "database table is locked")
+LOCKED_RETRIES = 5
+
+
 def end_active_run(heartbeat: Heartbeat, status: int) -> BaseException | None:
-    """End the active run with `status`; the server failure if the server could not be told (else None)."""
+    """End the active run with `status`; the server failure if the server could not be told (else None).
+
+    mlflow.end_run marks the run ended before it stops the run's system-metrics thread, whose last
+    batch can meet that write on a SQLite store: the write is refused as locked, and end_run has
+    already let go of the run. The mark is then made again, a few times, after a short wait.
+    """
     heartbeat.stop()
+    run_id = mlflow.active_run().info.run_id
     try:
         mlflow.end_run(RunStatus.to_string(status))
     except mlflow.exceptions.MlflowException as exc:
-        if (failure := server_failure(exc)) is None:
+        if (failure := server_failure(exc)) is not None:
+            return failure
+        if not locked(exc):
             raise
-        return failure
+        client = mlflow.MlflowClient()
+        for attempt in range(1, LOCKED_RETRIES + 1):
+            time.sleep(0.1 * attempt)
+            try:
+                client.set_terminated(run_id, RunStatus.to_string(status))
+                break
+            except mlflow.exceptions.MlflowException as again:
+                if attempt == LOCKED_RETRIES or not locked(again):
+                    raise
     return None
+
+
+def locked(exc: BaseException) -> bool:
+    """Whether a store refused a write because SQLite's database was locked by another connection."""
+    return any(marker in str(exc) for marker in _LOCKED)
+
+
+def not_a_lock_retried(record: logging.LogRecord) -> bool:
+    """A log filter for MLflow's SQL store: False for its report of a locked SQLite database, a
+    refusal the pipeline retries (end_active_run) or reports itself as one line."""
+    return not (record.exc_info and locked(record.exc_info[1]))
 
 
 def active_run_id() -> str:
