@@ -15,6 +15,7 @@ import argparse
 import json
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from torch import nn
@@ -35,12 +36,8 @@ def batch_norm_before_pooling():
         conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
         return nn.Sequential(conv, nn.BatchNorm2d(out_channels), nn.ReLU(), nn.MaxPool2d(2))
 
-    chosen = models.conv_pool_bn_relu
-    models.conv_pool_bn_relu = block
-    try:
+    with patch.object(models, "conv_pool_bn_relu", block):
         yield
-    finally:
-        models.conv_pool_bn_relu = chosen
 
 
 @contextmanager
@@ -51,11 +48,8 @@ def flip_test_time_augmentation():
     def averaged(self, x: torch.Tensor) -> torch.Tensor:
         return forward(self, x) if self.training else (forward(self, x) + forward(self, x.flip(-1))) / 2
 
-    models.FashionCNNPlus.forward = averaged
-    try:
+    with patch.object(models.FashionCNNPlus, "forward", averaged):
         yield
-    finally:
-        models.FashionCNNPlus.forward = forward
 
 
 @contextmanager
@@ -78,22 +72,16 @@ def weight_average(decay: float = 0.998):
         average = averages.get(id(model))
         return evaluate(average.module if average else model, inputs, batch_size)
 
-    train_stage.optimizer_step, train_stage.compute_logits = step_and_average, evaluate_average
-    try:
+    with (
+        patch.object(train_stage, "optimizer_step", step_and_average),
+        patch.object(train_stage, "compute_logits", evaluate_average),
+    ):
         yield
-    finally:
-        train_stage.optimizer_step, train_stage.compute_logits = step, evaluate
 
 
-@contextmanager
 def widths(*channels: int):
     """cnn_plus with other conv widths (the chosen model's are 32 and 64)."""
-    chosen = models.FashionCNNPlus.widths
-    models.FashionCNNPlus.widths = channels
-    try:
-        yield
-    finally:
-        models.FashionCNNPlus.widths = chosen
+    return patch.object(models.FashionCNNPlus, "widths", channels)
 
 
 @contextmanager
@@ -110,11 +98,8 @@ def flat_parameters_apart(lr_factor: float = 1.0):
         optimizer.add_param_group({"params": flat, "weight_decay": 0.0, "lr": config.lr * lr_factor})
         return optimizer
 
-    train_stage.build_optimizer = grouped
-    try:
+    with patch.object(train_stage, "build_optimizer", grouped):
         yield
-    finally:
-        train_stage.build_optimizer = build
 
 
 # (label, model, settings over the model's recipe[, a change to the model])
