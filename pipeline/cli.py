@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from pipeline import cli_args, jobs, signals
+from pipeline import allocator, cli_args, jobs, signals
 from pipeline.config import (
     DOWNLOAD_TIMEOUT_S,
     HEARTBEAT_INTERVAL_S,
@@ -68,6 +68,8 @@ def cli() -> None:
     Every stage logs to MLflow: by default MLflow's own default store, mlflow.db at the project
     root with artifacts in mlruns/ (`make ui` browses it); set MLFLOW_TRACKING_URI to use another store.
     """
+    # A training step's freed tensors stay with the process for the next step (see pipeline.allocator).
+    allocator.keep_freed_memory()
     # What the library says on the side (a store it moved, a run in an unexpected experiment): one line each.
     notes = logging.getLogger("pipeline")
     if not notes.handlers:

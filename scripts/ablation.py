@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from unittest.mock import patch
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from pipeline import models
 from pipeline import train as train_stage
+from pipeline.allocator import keep_freed_memory
 from pipeline.config import default_data_dir, train_config
 from pipeline.train import train
 
@@ -102,6 +103,15 @@ def flat_parameters_apart(lr_factor: float = 1.0):
         yield
 
 
+@contextmanager
+def combined(*changes):
+    """Several of the changes above at once."""
+    with ExitStack() as stack:
+        for change in changes:
+            stack.enter_context(change)
+        yield
+
+
 # (label, model, settings over the model's recipe[, a change to the model])
 VARIANTS = [
     ("cnn_plus, whole recipe", "cnn_plus", {}),
@@ -136,6 +146,18 @@ VARIANTS = [
     ),
     ("  + no weight decay on batch norm and biases", "cnn_plus", {}, flat_parameters_apart),
     ("  + batch norm and biases: no decay, 4x the lr", "cnn_plus", {}, lambda: flat_parameters_apart(4.0)),
+    (
+        "  + batch 512 for 10 epochs, lr 0.008, flip test-time augmentation",
+        "cnn_plus",
+        {"batch_size": 512, "epochs": 10, "lr": 0.008},
+        flip_test_time_augmentation,
+    ),
+    (
+        "  + convs of 48 and 96, batch 256 for 8 epochs, lr 0.006, flip test-time augmentation",
+        "cnn_plus",
+        {"batch_size": 256, "epochs": 8, "lr": 0.006},
+        lambda: combined(widths(48, 96), flip_test_time_augmentation()),
+    ),
     ("cnn (the chapter's model and recipe)", "cnn", {}),
 ]
 
@@ -146,6 +168,7 @@ def main() -> None:
     parser.add_argument("--only", default="", help="run only the variants whose label contains this text")
     parser.add_argument("--out", type=Path, default=Path("ablation.json"))
     args = parser.parse_args()
+    keep_freed_memory()  # as the CLI does
     rows = []
     for label, model, settings, *change in VARIANTS:
         if args.only not in label:

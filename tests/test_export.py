@@ -127,6 +127,24 @@ def test_failed_check_leaves_no_half_written_file(trained_model, tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_torchlib_is_listed_once_and_the_graph_is_the_one_listed_afresh_gives(tmp_path, monkeypatch):
+    import importlib
+
+    from torch.onnx._internal._lazy_import import onnxscript_apis
+
+    model = build_model("cnn").eval()
+    assert export.list_torchlib_once()  # this torch's names: the memo is in place
+    apis = importlib.import_module(onnxscript_apis._name)
+    listed = apis.get_torchlib_ops
+    remembered = export.export_onnx(model, tmp_path / "remembered.onnx", CLASS_NAMES, "cnn", "r")
+    calls = listed.cache_info()
+    assert calls.hits + calls.misses >= 1 and calls.currsize == 1  # the export went through the memo
+    assert apis.get_torchlib_ops() is apis.get_torchlib_ops()
+    monkeypatch.setattr(apis, "get_torchlib_ops", listed.__wrapped__)  # every export lists afresh, as before
+    afresh = export.export_onnx(model, tmp_path / "afresh.onnx", CLASS_NAMES, "cnn", "r")
+    assert onnx.load(afresh).graph.SerializeToString() == onnx.load(remembered).graph.SerializeToString()
+
+
 def test_resolve_output_puts_a_model_file_in_a_directory(tmp_path):
     assert export.resolve_output(tmp_path, "dnn") == tmp_path / "dnn.onnx"
     assert export.resolve_output(tmp_path / "x.onnx", "dnn") == tmp_path / "x.onnx"

@@ -28,18 +28,8 @@ import traceback
 from multiprocessing import reduction
 from typing import IO, Any
 
-# The forkserver imports this module: what it imports, every warm process starts with.
-import mlflow  # noqa: F401
-import torch
-import torch._dynamo  # noqa: F401  (the first optimizer's add_param_group imports it: 1 s)
-
-# Not pipeline.cli: `-m pipeline.cli` runs it as __main__, which a module imported already would
-# shadow (runpy warns about it).
-import pipeline.jobs  # noqa: F401
-import pipeline.train  # noqa: F401
-
 _CONTEXT = multiprocessing.get_context("forkserver")
-_CONTEXT.set_forkserver_preload([__name__])
+_CONTEXT.set_forkserver_preload(["tests.warm_imports", __name__])
 
 
 class _Fd:
@@ -82,6 +72,8 @@ def _run(command: list[str], env: dict[str, str], cwd: str | None, stdio: list[_
     sys.stdout = sys.__stdout__ = open(1, "w", encoding="utf-8", closefd=False)  # noqa: SIM115
     sys.stderr = sys.__stderr__ = open(2, "w", encoding="utf-8", closefd=False, buffering=1)  # noqa: SIM115
     if "OMP_NUM_THREADS" in env:  # read by torch when its pool starts, which a fresh process does after this
+        import torch  # already imported by the forkserver (tests/warm_imports.py)
+
         torch.set_num_threads(int(env["OMP_NUM_THREADS"]))
     status = 0
     try:

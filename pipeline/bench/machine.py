@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pipeline import hardware
+from pipeline import allocator, hardware
 from pipeline.bench.config import BenchConfig
 from pipeline.bench.flops import gemm_gflops, ort_gemm_gflops
 
@@ -25,6 +25,8 @@ def machine() -> dict[str, Any]:
         "isa_limit": os.environ.get(hardware.MAX_ISA_ENV),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # As every CLI command sets it: the chapter's loop, measured in the same process, has it too.
+        "freed_memory_kept": allocator.keep_freed_memory(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }

@@ -146,7 +146,9 @@ def machine_line(results: dict[str, Any]) -> str:
     bf16 = limits["bf16_gemm_gflops"]
     default = results["training"]["cnn"]["levers"]
     return (
-        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads). "
+        f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['torch_threads']} threads"
+        + ("; malloc keeps freed memory, for the chapter's loop as for ours" if m.get("freed_memory_kept") else "")
+        + "). "
         f"CPU features: {m['cpu_features']['summary']}"
         + (
             " (capped at AVX2 for torch via oneDNN/ATen/MKL; onnxruntime still uses the full CPU)"
