@@ -4,9 +4,10 @@ Every training step and every evaluated batch allocates tensors of a few megabyt
 them again. With glibc's defaults, blocks above its mmap threshold (128 KiB at first, raised as
 it goes, to at most 32 MiB) come as fresh pages from the kernel and go back to it when freed, and
 the heap is trimmed whenever more than 128 KiB lies free at its top: the next step then faults
-in and zeroes the same megabytes again. That was a fifth of a CNN training's CPU time spent in
-the kernel here, and a quarter of its wall time. tcmalloc and jemalloc keep freed memory by
-design; `keep_freed_memory` has glibc do the same.
+in and zeroes the same megabytes again, until glibc's own thresholds have caught up: a process's
+first training spent about a sixth of its CPU time in the kernel doing so. tcmalloc and jemalloc
+keep freed memory by design; `keep_freed_memory` has glibc do the same (`scripts/bench_allocator.py`
+measures it against glibc's defaults).
 """
 
 from __future__ import annotations
