@@ -126,9 +126,9 @@ def train_model(config: TrainConfig, experiment: str | None = None, reuse: bool 
 
     With `reuse`, a FINISHED run of the experiment that trained with the same params, data
     digests and git commit stands in for this one (`mlflow run . -P reuse=true`).
-    Under torchrun only rank 0 records the run; the other ranks train and return None.
+    Under torchrun only rank 0 records the run; the other ranks train and return None, without
+    loading MLflow (seconds of every rank's start).
     """
-    from pipeline import tracking
     from pipeline.distributed import World
     from pipeline.train import fit, setup
 
@@ -140,6 +140,8 @@ def train_model(config: TrainConfig, experiment: str | None = None, reuse: bool 
     if not world.is_main:
         fit(setup(config))
         return None
+    from pipeline import tracking
+
     tracking.connect()  # an unusable store fails here, in seconds, before the data is loaded
     # Before the run exists: missing or unknown data, or no CUDA, must not leave an empty FAILED run.
     t = setup(config)
