@@ -101,7 +101,7 @@ def test_train_evaluate_export_register_land_in_postgresql_and_the_artifact_prox
     data = ["--data-dir", str(synthetic_data_dir)]
     trained = invoke(["train", "--model", "cnn", "--epochs", "2", "--log-every", "2", "--allow-other-data", *data])
     run_id = trained.split("Run id:")[1].split()[0]
-    invoke(["evaluate", "--run-id", run_id, *data])
+    invoke(["evaluate", "--run-id", run_id, "--no-explain", *data])  # explanations: test_evaluate's
     invoke(["export-onnx", "--run-id", run_id, *data])
     invoke(["register", "--run-id", run_id, "--name", "fashion-cnn-server-test"])
 
