@@ -1,6 +1,6 @@
 """glibc's malloc as it comes against the pipeline's setting (pipeline/allocator.py), side by side.
 
-    python scripts/bench_allocator.py [--pairs 3] [--steps 150]
+    .venv/bin/python scripts/bench_allocator.py [--pairs 3] [--steps 150]
 
 Each measurement is a fresh process (the setting cannot be undone inside one) that trains our CNN
 for --steps steps on the real data with its test evaluation, tracking off, twice: the first
