@@ -15,6 +15,7 @@ from click.testing import CliRunner
 from pipeline import hardware
 from pipeline.bench import BenchConfig
 from pipeline.bench.inference import bench_onnxruntime_levers
+from pipeline.bench.photos import PHOTO_COUNTS
 from pipeline.bench.report import TARGETS, verdicts
 from pipeline.cli import cli
 from pipeline.config import CLASS_NAMES
@@ -267,7 +268,8 @@ def test_quick_bench_end_to_end(real_data_dir, tracking_store, tmp_path):
     assert results["memory"]["train_stage_mib"] > 100 and results["memory"]["predict_10k_mib"] > 10
     assert len(results["onnxruntime_levers"]) == 5
     photos = results["photos"]
-    assert photos["images"] == 200 and photos["none"]["images_per_s"] > 0 and photos["auto_vs_none"] > 0
+    assert photos["images"] == PHOTO_COUNTS["quick"]
+    assert photos["none"]["images_per_s"] > 0 and photos["auto_vs_none"] > 0
     assert photos["auto"]["accuracy"] > photos["none"]["accuracy"] + 0.3  # the conversion is what makes photos work
     # Quick mode measures every target (the 5-epoch job and the recipe's time by extrapolation) but the
     # recipe's accuracy, which needs full trainings: each verdict has its headline value.
