@@ -40,3 +40,8 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES) and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+
+
+def freed_memory_kept() -> bool:
+    """Whether this process has the setting (a report's question; asking sets nothing)."""
+    return keep_freed_memory.cache_info().currsize > 0 and keep_freed_memory()

@@ -30,9 +30,10 @@ def test_help_is_instant_and_imports_nothing_heavy():
 FAULTS_OF_FREED_BLOCKS = """
 import resource, sys
 import numpy as np
-from pipeline.allocator import keep_freed_memory
+from pipeline.allocator import freed_memory_kept, keep_freed_memory
+assert not freed_memory_kept()  # asking sets nothing
 if sys.argv[1] == "kept":
-    assert keep_freed_memory()
+    assert keep_freed_memory() and freed_memory_kept()
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for round in range(21):

@@ -25,8 +25,8 @@ def machine() -> dict[str, Any]:
         "isa_limit": os.environ.get(hardware.MAX_ISA_ENV),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        # As every CLI command sets it: the chapter's loop, measured in the same process, has it too.
-        "freed_memory_kept": allocator.keep_freed_memory(),
+        # Every CLI command sets it: the chapter's loop, measured in the same process, has it too.
+        "freed_memory_kept": allocator.freed_memory_kept(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
