@@ -132,16 +132,16 @@ def test_torchlib_is_listed_once_and_the_graph_is_the_one_listed_afresh_gives(tm
 
     from torch.onnx._internal._lazy_import import onnxscript_apis
 
-    model = build_model("cnn").eval()
+    model = build_model("dnn").eval()
     assert export.list_torchlib_once()  # this torch's names: the memo is in place
     apis = importlib.import_module(onnxscript_apis._name)
     listed = apis.get_torchlib_ops
-    remembered = export.export_onnx(model, tmp_path / "remembered.onnx", CLASS_NAMES, "cnn", "r")
+    remembered = export.export_onnx(model, tmp_path / "remembered.onnx", CLASS_NAMES, "dnn", "r")
     calls = listed.cache_info()
     assert calls.hits + calls.misses >= 1 and calls.currsize == 1  # the export went through the memo
     assert apis.get_torchlib_ops() is apis.get_torchlib_ops()
     monkeypatch.setattr(apis, "get_torchlib_ops", listed.__wrapped__)  # every export lists afresh, as before
-    afresh = export.export_onnx(model, tmp_path / "afresh.onnx", CLASS_NAMES, "cnn", "r")
+    afresh = export.export_onnx(model, tmp_path / "afresh.onnx", CLASS_NAMES, "dnn", "r")
     assert onnx.load(afresh).graph.SerializeToString() == onnx.load(remembered).graph.SerializeToString()
 
 

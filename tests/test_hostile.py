@@ -82,6 +82,11 @@ def sleeper():
 # ----------------------------------------------------------------- 1. download: a deadline and a size cap
 
 
+# A byte every DRIP_S: each read is answered well within the download's --timeout, so only a
+# deadline for the whole transfer can stop it.
+DRIP_S = 0.2
+
+
 class Drip(http.server.BaseHTTPRequestHandler):
     """Answers every GET slowly or without end, as `mode` says; every loop is bounded and stops with the test."""
 
@@ -93,20 +98,20 @@ class Drip(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self):
         try:
-            if self.mode == "headers":  # the status line itself, a byte a second
+            if self.mode == "headers":  # the status line itself, five bytes a second
                 for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"[:60]:
-                    if self.stop.wait(1):
+                    if self.stop.wait(DRIP_S):
                         return
                     self.wfile.write(bytes([byte]))
                     self.wfile.flush()
-            elif self.mode == "body":  # headers at once, then a byte a second of a 10 MB body
+            elif self.mode == "body":  # headers at once, then five bytes a second of a 10 MB body
                 self.send_response(200)
                 self.send_header("Content-Length", str(10_000_000))
                 self.end_headers()
-                for _ in range(60):
+                for _ in range(300):
                     self.wfile.write(b"\x1f")
                     self.wfile.flush()
-                    if self.stop.wait(1):
+                    if self.stop.wait(DRIP_S):
                         return
             else:  # endless: zeros as fast as the client takes them, up to 4x the cap
                 self.send_response(200)
@@ -147,12 +152,12 @@ def hostile_source(monkeypatch):
 def test_download_timeout_is_a_deadline_for_the_whole_transfer(hostile_source, tmp_path, mode):
     url = hostile_source(mode)
     began = time.monotonic()
-    result = invoke(["download", "--source", url, "--timeout", "2", "--data-dir", tmp_path / "data"])
+    result = invoke(["download", "--source", url, "--timeout", "1", "--data-dir", tmp_path / "data"])
     took = time.monotonic() - began
-    assert took < 10, f"a 2 s deadline took {took:.0f} s"
+    assert took < 10, f"a 1 s deadline took {took:.0f} s"
     line = refused(result, 1)
     assert "could not find" in line
-    assert f"{url}: no complete answer within --timeout 2 s" in result.output
+    assert f"{url}: no complete answer within --timeout 1 s" in result.output
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
 
 
