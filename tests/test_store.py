@@ -186,6 +186,32 @@ def test_a_write_that_lost_a_duplicate_key_race_is_made_once_more(refusal):
     assert tracking.runs.retried_if_raced(write) == "written" and len(calls) == 2
 
 
+def test_a_dataset_whose_row_another_training_made_first_is_still_linked(tracking_store, tmp_path, monkeypatch):
+    """Trainings started at once in one experiment race to make its dataset rows: the loser's insert
+    fails on the unique key (seen with four trainings on a fresh store), and is made once more."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    log_inputs, refused = SqlAlchemyStore.log_inputs, []
+
+    def lost_the_race(self, *args, **kwargs):
+        if not refused:
+            refused.append(True)
+            log_inputs(self, *args, **kwargs)  # the other training's row, made first
+            raise mlflow.exceptions.MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, datasets.name, "
+                "datasets.digest"
+            )
+        return log_inputs(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqlAlchemyStore, "log_inputs", lost_the_race)
+    split = tracking.DataSplit("test", tmp_path, {"t10k-images-idx3-ubyte": "ab" * 32}, 10)
+    with tracking.run(run_name="raced") as active:
+        tracking.log_datasets([split])
+    assert refused
+    inputs = mlflow.get_run(active.run_id).inputs.dataset_inputs
+    assert [(i.dataset.name, i.tags[0].value) for i in inputs] == [("fashion-mnist-test", "testing")]
+
+
 def test_any_other_refusal_of_a_write_is_not_retried():
     calls = []
 

@@ -12,6 +12,8 @@ from typing import Any
 
 import mlflow
 
+from pipeline.tracking.runs import retried_if_raced
+
 DATASET_CONTEXTS = {"train": "training", "test": "testing"}  # MLflow's names for what a split was used for
 
 
@@ -45,6 +47,12 @@ def mlflow_dataset(split: DataSplit) -> Any:
 
 
 def log_datasets(splits: Iterable[DataSplit]) -> None:
-    """The splits as dataset inputs of the active run, with the contexts training / testing."""
+    """The splits as dataset inputs of the active run, with the contexts training / testing.
+
+    A dataset is a row of its experiment, made by the first run that logs it: trainings started at
+    once in an experiment race to make it, and the loser's insert fails on the unique key. Made once
+    more, its write finds the row and links it.
+    """
     for split in splits:
-        mlflow.log_input(mlflow_dataset(split), context=DATASET_CONTEXTS.get(split.split, split.split))
+        dataset, context = mlflow_dataset(split), DATASET_CONTEXTS.get(split.split, split.split)
+        retried_if_raced(lambda dataset=dataset, context=context: mlflow.log_input(dataset, context=context))
