@@ -7,7 +7,9 @@ model added to the registry later gets the same figures.
 Explanations are Captum's (PyTorch's own attribution library): Grad-CAM (Selvaraju et al.,
 ICCV 2017) on the last convolution for a model that has one, the plain gradient saliency map
 (Simonyan et al., 2014) for one that has none (the DNN). A map is (H, W) per image, the input's
-size, for the class the model predicted (why it said what it said).
+size, for the class the model predicted (why it said what it said). A model that averages its
+logits over views of the image (cnn_plus: the image and its mirror) is looked into one view at a
+time, the image as it is (models.single_view): one activation per image and layer.
 
 The sanity check of Adebayo et al. (NeurIPS 2018, "Sanity checks for saliency maps"): an
 explanation of a model must depend on the model. Re-initialise the weights and explain the same
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+
+from pipeline.models import single_view
 
 POOLING = (
     nn.MaxPool2d,
@@ -90,7 +94,7 @@ def feature_maps(model: nn.Module, inputs: torch.Tensor) -> list[FeatureMaps]:
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), single_view(model):  # one map per image, not one per view
             model(inputs)
     finally:
         for hook in hooks:
@@ -117,15 +121,17 @@ def explain(model: nn.Module, inputs: torch.Tensor, targets: np.ndarray, batch_s
     model.eval()
     out = []
     try:
-        for start in range(0, len(inputs), batch_size):
-            x = inputs[start : start + batch_size].detach().clone()
-            target = torch.as_tensor(np.asarray(targets[start : start + batch_size]), dtype=torch.long)
-            if convs:
-                cam = LayerGradCam(model, convs[-1][1]).attribute(x, target=target, relu_attributions=True)
-                maps = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear")
-            else:
-                maps = Saliency(model).attribute(x.requires_grad_(), target=target, abs=True)
-            out.append(maps.detach().sum(dim=1).float().cpu().numpy())  # one channel for either method
+        # One pass per image: Grad-CAM reads one activation of its layer per image, not one per view.
+        with single_view(model):
+            for start in range(0, len(inputs), batch_size):
+                x = inputs[start : start + batch_size].detach().clone()
+                target = torch.as_tensor(np.asarray(targets[start : start + batch_size]), dtype=torch.long)
+                if convs:
+                    cam = LayerGradCam(model, convs[-1][1]).attribute(x, target=target, relu_attributions=True)
+                    maps = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), "bilinear")
+                else:
+                    maps = Saliency(model).attribute(x.requires_grad_(), target=target, abs=True)
+                out.append(maps.detach().sum(dim=1).float().cpu().numpy())  # one channel for either method
     finally:
         model.train(was_training)
     if not out:

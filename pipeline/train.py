@@ -66,6 +66,9 @@ def resolve_precision(choice: str, device: torch.device) -> str:
 
 # The dtype each mixed precision runs the forward pass in; fp32 runs without autocast.
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# A model with `initialise_from(images)` (cnn_plus) starts from statistics of the first training
+# images, this many (as scripts/ablation.py measured it).
+INITIALISING_IMAGES = 10_000
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator, steps: int) -> list[torch.Tensor]:
@@ -160,6 +163,9 @@ def setup(config: TrainConfig, world: distributed.World | None = None) -> Traine
                 f"{config.data_dir}: the {name} images are {split.images.shape[1]}x{split.images.shape[2]}, "
                 f"but the {config.model} model takes {height}x{width}; give --data-dir with {height}x{width} images"
             )
+    initialise = getattr(model, "initialise_from", None)
+    if initialise is not None:  # a model that starts from the training images (cnn_plus's first conv)
+        initialise(images_to_tensor(train_split.images[: min(fit, INITIALISING_IMAGES)], device))
     layout = torch.channels_last if config.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     optimizer = build_optimizer(config, model.parameters())

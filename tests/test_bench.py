@@ -335,6 +335,8 @@ def test_recipe_table_and_verdicts_from_full_trainings():
             "test_accuracy_mean": sum(accuracies) / len(accuracies),
             "test_accuracy_sd": 0.001,
             "wall_time_s_median": seconds,
+            "steps_per_s": 60.0 / len(accuracies),
+            "train_images_per_s": 6000.0,
         }
 
     results = {
@@ -353,8 +355,8 @@ def test_recipe_table_and_verdicts_from_full_trainings():
     assert statuses["cnn_plus training time <= the chapter CNN's 5 epochs"] == "PASS"
     table = next(s for s in SECTIONS if isinstance(s, Table) and s.title and "faster recipe" in s.title)
     rendered = render_table(table, results)
-    assert "| cnn_plus | r | 5 | 3 | 93.10% ± 0.10% | 76 s (median) |" in rendered
-    assert "| cnn | r | 5 | 3 | 91.00% ± 0.10% | 80 s (median) |" in rendered
+    assert "| cnn_plus | r | 5 | 3 | 20.0 | 6,000 | 93.10% ± 0.10% | 76 s (median) |" in rendered
+    assert "| cnn | r | 5 | 3 | 20.0 | 6,000 | 91.00% ± 0.10% | 80 s (median) |" in rendered
 
 
 def test_fp32_limit_is_the_better_library_unless_torch_is_capped(monkeypatch):

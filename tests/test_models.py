@@ -82,3 +82,53 @@ def test_checkpoint_round_trip(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(PipelineError, match="not a usable model checkpoint"):
         load_checkpoint(tmp_path / "bad.pt")
+
+
+def test_cnn_plus_judges_each_image_with_its_mirror_and_trains_on_one_view():
+    from pipeline.models import single_view
+
+    torch.manual_seed(0)
+    model = build_model("cnn_plus").eval()
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        views = (model.logits(x) + model.logits(x.flip(-1))) / 2
+        assert torch.allclose(model(x), views, atol=1e-5)
+        assert torch.allclose(model(x), model(x.flip(-1)), atol=1e-5)  # a mirror gets the same answer
+        with single_view(model):
+            assert torch.equal(model(x), model.logits(x))
+        assert model.flip_averaged and torch.allclose(model(x), views, atol=1e-5)  # restored after
+        model.train()
+        torch.manual_seed(1)
+        trained_view = model(x)
+        torch.manual_seed(1)
+        assert torch.equal(trained_view, model.logits(x))  # training sees each image as it is (dropout same)
+
+
+def test_cnn_plus_starts_from_the_patches_directions_and_keeps_them():
+    from torch.nn.functional import unfold
+
+    from pipeline.models import whitening_filters
+
+    torch.manual_seed(0)
+    images = torch.rand(300, 1, 28, 28) ** 3  # skewed pixels: directions of unequal variance
+    model = build_model("cnn_plus")
+    model.initialise_from(images)
+    first = model.features[0][0]
+    fixed = model.fixed_filters
+    assert fixed == 18 and first.out_channels == 32
+    directions = whitening_filters(images, (3, 3)).flatten(1)
+    assert torch.allclose(directions @ directions.T, torch.eye(9), atol=1e-4)  # orthonormal
+    patches = unfold(images, 3).transpose(1, 2).flatten(0, 1)
+    variance = (patches @ directions.T).pow(2).mean(0)
+    assert torch.all(variance[:-1] >= variance[1:])  # most of the patches' variance first
+    kept = first.weight[:fixed].detach().flatten(1)
+    scale = kept[0].norm()
+    assert torch.allclose(kept[:9] / scale, directions, atol=1e-4) and torch.allclose(kept[9:], -kept[:9])
+    before = first.weight.detach().clone()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, weight_decay=0.0)
+    for _ in range(3):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(model(images[:32]), torch.arange(32) % 10).backward()
+        optimizer.step()
+    assert torch.equal(first.weight[:fixed], before[:fixed])  # the directions stay as they started
+    assert not torch.equal(first.weight[fixed:], before[fixed:])  # the other filters train

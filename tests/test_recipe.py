@@ -179,3 +179,21 @@ def test_cnn_plus_trains_exports_and_passes_parity(synthetic_data_dir, tmp_path)
     parity = check_parity(model, path, test.images, test.labels, CLASS_NAMES)
     assert parity.passed, parity.summary_lines()
     assert np.isfinite(parity.metrics()["parity_max_abs_diff"])
+    # The flip averaging is in the graph: onnxruntime gives an image and its mirror the same logits,
+    # and the mean of the model's two single views.
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    x = test.images[:16].astype(np.float32)[:, None] / 255
+    (logits,) = session.run(None, {session.get_inputs()[0].name: x})
+    (mirrored,) = session.run(None, {session.get_inputs()[0].name: x[..., ::-1].copy()})
+    np.testing.assert_allclose(logits, mirrored, atol=1e-4)
+    with torch.no_grad():
+        views = (model.logits(torch.from_numpy(x)) + model.logits(torch.from_numpy(x).flip(-1))) / 2
+    np.testing.assert_allclose(logits, views.numpy(), atol=1e-4)
+    # What looks inside one forward pass sees one view per image.
+    from pipeline.explain import explain, feature_maps
+
+    maps = feature_maps(model, torch.from_numpy(x[:4]))
+    assert [fm.maps.shape[0] for fm in maps] == [4] * len(maps)
+    assert explain(model, torch.from_numpy(x[:4]), np.arange(4)).shape == (4, 28, 28)

@@ -25,7 +25,13 @@ TARGET_ACCURACY_PCT = 93.0
 def full_training(data_dir: Path, model: str, seed: int) -> dict[str, float]:
     """One complete training with the model's recipe (tracking off); wall time includes its evaluations."""
     m = train(train_config(model, seed=seed, data_dir=data_dir)).metrics
-    return {"seed": seed, "test_accuracy": m["test_accuracy"], "wall_time_s": m["wall_time_s"]}
+    return {
+        "seed": seed,
+        "test_accuracy": m["test_accuracy"],
+        "wall_time_s": m["wall_time_s"],
+        "steps_per_s": m["steps"] / m["train_time_s"],
+        "train_images_per_s": m["train_images_per_s"],
+    }
 
 
 def summary(runs: list[dict[str, float]], config: TrainConfig) -> dict[str, Any]:
@@ -37,6 +43,8 @@ def summary(runs: list[dict[str, float]], config: TrainConfig) -> dict[str, Any]
         "test_accuracy_mean": statistics.fmean(accuracies),
         "test_accuracy_sd": statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0,
         "wall_time_s_median": statistics.median(run["wall_time_s"] for run in runs),
+        "steps_per_s": statistics.median(run["steps_per_s"] for run in runs),
+        "train_images_per_s": statistics.median(run["train_images_per_s"] for run in runs),
     }
 
 
@@ -85,6 +93,7 @@ def extrapolated(cfg: BenchConfig, configs: dict[str, TrainConfig]) -> dict[str,
             "recipe": describe(config),
             "epochs": config.epochs,
             "train_images_per_s": m["train_images_per_s"],
+            "steps_per_s": m["train_images_per_s"] / config.batch_size,
             "wall_time_s_median": train_images / m["train_images_per_s"],
             "test_accuracy_mean": None,
         }

@@ -289,12 +289,15 @@ SECTIONS: tuple[Table | Callable[[dict[str, Any]], str | None], ...] = (
     full_job_line,
     Table(
         "The faster recipe against the chapter CNN's 5-epoch training (same run, tracking off; wall time "
-        "includes each epoch's evaluation):",
+        "includes each epoch's evaluation; steps/s and images/s are of the training steps alone, so batch "
+        "size and epochs show apart):",
         (
             Column("model", "{model}"),
             Column("recipe", "{recipe}"),
             Column("epochs", "{epochs}"),
             Column("seeds", "{seeds}"),
+            Column("steps/s", "{steps_per_s:.1f}"),
+            Column("train images/s", "{train_images_per_s:,.0f}"),
             Column("test accuracy (mean ± sd)", lambda row: recipe_accuracy(row)),
             Column("training time", lambda row: recipe_time(row)),
         ),
