@@ -188,8 +188,10 @@ class FashionCNNPlus(nn.Module):
 
     def _keep_fixed_filters(self, grad: torch.Tensor) -> torch.Tensor:
         # Zeroed, not excluded from the optimizer: one weight tensor keeps the conv one oneDNN call,
-        # and the export and checkpoints see a plain Conv2d. (AdamW's weight decay still scales them,
-        # which the batch norm after the pooling undoes.)
+        # and the export and checkpoints see a plain Conv2d. The recipe's AdamW decays weights apart
+        # from the gradient, so it only scales them, which the batch norm after the pooling undoes;
+        # --optimizer adam or sgd with --weight-decay adds the decay inside the optimizer, after this
+        # hook, and they drift.
         return torch.cat([torch.zeros_like(grad[: self.fixed_filters]), grad[self.fixed_filters :]])
 
     @torch.no_grad()
