@@ -182,9 +182,13 @@ class FashionCNNPlus(nn.Module):
         self.classifier = nn.Sequential(
             nn.Linear(flat, self.hidden), nn.ReLU(), nn.Dropout(self.dropout), nn.Linear(self.hidden, num_classes)
         )
-        first = self.features[0][0]
+        first = self.first_conv
         self.fixed_filters = min(first.out_channels, 2 * first.weight[0].numel())  # each direction and its negative
         first.weight.register_hook(self._keep_fixed_filters)
+
+    @property
+    def first_conv(self) -> nn.Conv2d:
+        return self.features[0][0]
 
     def _keep_fixed_filters(self, grad: torch.Tensor) -> torch.Tensor:
         # Zeroed, not excluded from the optimizer: one weight tensor keeps the conv one oneDNN call,
@@ -197,7 +201,7 @@ class FashionCNNPlus(nn.Module):
     @torch.no_grad()
     def initialise_from(self, images: torch.Tensor) -> None:
         """Start the first convolution from `images` (N, C, H, W) of the training set (see the class)."""
-        first = self.features[0][0]
+        first = self.first_conv
         directions = whitening_filters(images.to(first.weight.device), first.kernel_size)
         filters = torch.cat([directions, -directions])[: self.fixed_filters]
         # At the spread torch's own initialisation gave the filters, so the first steps see the usual scale.

@@ -25,6 +25,7 @@ from pipeline import distributed, models
 from pipeline import train as train_stage
 from pipeline.allocator import keep_freed_memory
 from pipeline.config import default_data_dir, train_config
+from pipeline.explain import conv_layers
 from pipeline.train import train
 
 VAL_SIZE = 5_000
@@ -47,14 +48,11 @@ def without_flip_averaging():
     return patch.object(models.FashionCNNPlus, "flip_averaged", False)
 
 
-@contextmanager
 def without_whitening():
     """cnn_plus's first conv as torch initialises it, all of it trained."""
-    with (
-        patch.object(models.FashionCNNPlus, "initialise_from", lambda self, images: None),
-        patch.object(models.FashionCNNPlus, "_keep_fixed_filters", lambda self, grad: grad),
-    ):
-        yield
+    return combined(
+        patch.object(models.FashionCNNPlus, "initialise_from", lambda self, images: None), whitening_trained()
+    )
 
 
 def whitening_trained():
@@ -117,10 +115,6 @@ def flat_parameters_apart(lr_factor: float = 1.0):
         yield
 
 
-def convs(model: nn.Module) -> list[nn.Conv2d]:
-    return [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-
-
 @contextmanager
 def after_setup(change):
     """`change(trainer)` applied to the model once it is built, before the first step."""
@@ -141,7 +135,7 @@ def identity_later_convs():
     in_channels outputs (a Dirac kernel), the rest as torch drew them."""
 
     def dirac(t):
-        for conv in convs(distributed.unwrap(t.model))[1:]:
+        for _, conv in conv_layers(distributed.unwrap(t.model))[1:]:
             nn.init.dirac_(conv.weight[: conv.in_channels])
 
     return after_setup(dirac)

@@ -113,7 +113,7 @@ def test_cnn_plus_starts_from_the_patches_directions_and_keeps_them():
     images = torch.rand(300, 1, 28, 28) ** 3  # skewed pixels: directions of unequal variance
     model = build_model("cnn_plus")
     model.initialise_from(images)
-    first = model.features[0][0]
+    first = model.first_conv
     fixed = model.fixed_filters
     assert fixed == 18 and first.out_channels == 32
     directions = whitening_filters(images, (3, 3)).flatten(1)
