@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.allocator import keep_freed_memory
+from pipeline.collector import collect_for_a_command
 from pipeline.data import SYSTEM_COPY
 from tests import schedule
 from tests.helpers import REAL_DATA_DIR, real_data_available, write_synthetic_dataset
@@ -45,6 +46,7 @@ def pytest_configure(config):
     if config.getoption("record_durations") and not hasattr(config, "workerinput"):  # the controller adds up
         config.pluginmanager.register(DurationRecorder(), "record-durations")
     keep_freed_memory()  # as every `pipeline` command does (pipeline.allocator): tests train in-process too
+    collect_for_a_command()  # as every `pipeline` command does (pipeline.collector): before collection's imports
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         import torch

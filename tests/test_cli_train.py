@@ -65,22 +65,26 @@ def test_freed_memory_is_kept_for_the_next_step_and_every_command_asks_for_it(mo
     assert asked == [True]
 
 
-# A `pipeline` process's exit: main() freezes the heap after every exit handler registered after it
-# (this one was registered before it, so it runs last), and the interpreter's final collection skips it.
-FROZEN_AT_EXIT = """
+# A `pipeline` process (pipeline.collector): main() collects less often, and freezes the heap after
+# every exit handler registered after it (this one was registered before it, so it runs last), so
+# the interpreter's final collection skips it.
+COLLECTOR_OF_A_COMMAND = """
 import atexit, gc, sys
-atexit.register(lambda: print("frozen", gc.get_freeze_count()))
+atexit.register(lambda: print("threshold", gc.get_threshold()[0], "frozen", gc.get_freeze_count()))
 sys.argv = ["pipeline", "--version"]
 from pipeline.cli import main
 main()
 """
 
 
-def test_a_command_exits_without_collecting_its_whole_heap_again():
-    done = subprocess.run([sys.executable, "-c", FROZEN_AT_EXIT], capture_output=True, text=True)
+def test_a_command_collects_less_often_and_not_its_whole_heap_at_exit():
+    from pipeline.collector import YOUNG_THRESHOLD
+
+    done = subprocess.run([sys.executable, "-c", COLLECTOR_OF_A_COMMAND], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "version" in done.stdout
-    frozen = int(done.stdout.split("frozen")[1])
+    threshold, frozen = map(int, done.stdout.split("threshold")[1].split("frozen"))
+    assert threshold == YOUNG_THRESHOLD > 700  # CPython's default
     assert frozen > 10_000  # the objects of every module imported: the final collection has nothing left to walk
 
 

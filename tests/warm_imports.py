@@ -9,6 +9,8 @@ tests.warm does not pay for all of it. Not pipeline.cli: `-m pipeline.cli` runs 
 which a module imported already would shadow (runpy warns about it).
 """
 
+import gc
+
 import captum.attr  # noqa: F401
 import git  # noqa: F401
 import mlflow  # noqa: F401
@@ -34,3 +36,7 @@ import pipeline.parity  # noqa: F401
 import pipeline.tracking  # noqa: F401
 import pipeline.train  # noqa: F401
 import pipeline.tune  # noqa: F401
+
+# Forked children neither walk these objects in their collections nor write to their pages (each
+# collection marks the objects it walks, which would copy every page of them into the child).
+gc.freeze()
