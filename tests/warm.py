@@ -7,7 +7,8 @@ at once pays that four times over. `WarmPopen(command, ...)` takes the command a
 and runs it in a process forked from a multiprocessing forkserver that has those modules imported
 (and nothing else run: no thread pool, no store, no run). The rest is a process of its own: its own
 pid, environment, working folder, signals, stdio and exit code, reaped like a child. At its end it
-does what an interpreter does on exit (non-daemon threads joined, atexit handlers run, stdio flushed).
+does what an interpreter does on exit (threading's exit hooks run and non-daemon threads joined,
+atexit handlers run, stdio flushed).
 
 What it cannot stand in for: a process whose imports are the subject (predict staying torch-free,
 the --max-cpu-isa cap, which must act before torch loads) and commands that start their own
@@ -90,9 +91,10 @@ def _run(command: list[str], env: dict[str, str], cwd: str | None, stdio: list[_
         traceback.print_exc()
         status = 1
     finally:
-        for thread in threading.enumerate():
-            if thread is not threading.current_thread() and not thread.daemon:
-                thread.join()
+        # What the interpreter calls first on exit: threading's own exit hooks (concurrent.futures tells
+        # its idle pool workers to stop there), then every non-daemon thread joined. Joined without
+        # the hooks, a pool nobody collected yet (MLflow's artifact uploads) would wait forever.
+        threading._shutdown()
         atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
