@@ -24,6 +24,7 @@ from torch import nn
 from pipeline import distributed, models
 from pipeline import train as train_stage
 from pipeline.allocator import keep_freed_memory
+from pipeline.collector import collect_for_a_command
 from pipeline.config import default_data_dir, train_config
 from pipeline.explain import conv_layers
 from pipeline.train import train
@@ -218,6 +219,9 @@ VARIANTS = [
     ("  6 epochs instead of 7", "cnn_plus", {"epochs": 6}),
     ("  batch 512 for 8 epochs, lr 0.008", "cnn_plus", {"batch_size": 512, "epochs": 8, "lr": 0.008}),
     ("  + flip and shift test-time augmentation", "cnn_plus", {}, shifted_test_time_augmentation),
+    ("  label smoothing 0.2 instead of 0.1", "cnn_plus", {"label_smoothing": 0.2}),
+    ("  peak lr 0.008 instead of 0.006", "cnn_plus", {"lr": 0.008}),
+    ("  weight decay 0.1 instead of 0.05", "cnn_plus", {"weight_decay": 0.1}),
     # The first recipe, and one part taken away (or changed) at a time (docs/recipe.md's first table).
     ("first recipe", "cnn_plus", FIRST, first_model),
     ("  without horizontal flips", "cnn_plus", {**FIRST, "hflip": False}, first_model),
@@ -313,6 +317,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation.json"))
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does
+    collect_for_a_command()
     rows = []
     for label, model, settings, *change in VARIANTS:
         if args.only and not any(text in label for text in args.only):
