@@ -854,7 +854,7 @@ def server_stop_command(folder: Path) -> None:
 
 
 def main() -> None:
-    collector.collect_for_a_command()  # about 3 s less per command (see pipeline.collector)
+    collector.collect_for_a_command()  # seconds less per command: see pipeline.collector
     cli()
 
 

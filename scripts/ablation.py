@@ -317,7 +317,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation.json"))
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does
-    collect_for_a_command()
+    collect_for_a_command()  # as the CLI does
     rows = []
     for label, model, settings, *change in VARIANTS:
         if args.only and not any(text in label for text in args.only):
