@@ -6,6 +6,7 @@ Test modules import shared helpers from tests/helpers.py, never from here.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import shutil
 import subprocess
@@ -37,6 +38,14 @@ def pytest_addoption(parser):
 def pytest_collection_modifyitems(items):
     # Whole files heaviest first (tests/schedule.py); the order inside a file is kept.
     schedule.sort_by_file_duration(items, schedule.load_durations())
+
+
+def pytest_collection_finish(session):
+    # What collection imported (torch, MLflow, the test modules: about a million objects) lives as
+    # long as the worker. Frozen, it is out of the full collections during the session and of the
+    # two pytest makes at its end to find unraisable exceptions; what the tests create is not.
+    gc.collect()
+    gc.freeze()
 
 
 def pytest_configure(config):
