@@ -98,6 +98,11 @@ def widths(*channels: int):
     return patch.object(models.FashionCNNPlus, "widths", channels)
 
 
+def hidden_width(units: int):
+    """cnn_plus with another hidden layer width (the chosen model's is 256)."""
+    return patch.object(models.FashionCNNPlus, "hidden", units)
+
+
 @contextmanager
 def flat_parameters_apart(lr_factor: float = 1.0):
     """The optimizer's one-dimensional parameters (batch-norm scales and shifts, biases) without
@@ -222,6 +227,7 @@ VARIANTS = [
     ("  label smoothing 0.2 instead of 0.1", "cnn_plus", {"label_smoothing": 0.2}),
     ("  peak lr 0.008 instead of 0.006", "cnn_plus", {"lr": 0.008}),
     ("  weight decay 0.1 instead of 0.05", "cnn_plus", {"weight_decay": 0.1}),
+    ("  hidden layer of 512 instead of 256", "cnn_plus", {}, lambda: hidden_width(512)),
     # The first recipe, and one part taken away (or changed) at a time (docs/recipe.md's first table).
     ("first recipe", "cnn_plus", FIRST, first_model),
     ("  without horizontal flips", "cnn_plus", {**FIRST, "hflip": False}, first_model),
