@@ -14,6 +14,7 @@ import click
 from pipeline.config import (
     DATA_DIR_ENV,
     DEVICES,
+    EPOCHS_WITHOUT_NATIVE_BF16,
     MAX_EXPERIMENT_NAME_LENGTH,
     MODEL_NAMES,
     OPTIMIZERS,
@@ -205,7 +206,12 @@ def _recipe_value(ctx: click.Context, param: click.Parameter, value):
 def _recipe_option(flag: str, field: str, help: str, **kwargs):
     """A training setting a model's recipe may set: the chapter's value (TrainConfig's) is the
     default shown; left out, it arrives as None, so the recipe (listed in the help) applies."""
-    differ = ", ".join(f"{model} {recipe[field]}" for model, recipe in RECIPES.items() if field in recipe)
+    cpu_note = EPOCHS_WITHOUT_NATIVE_BF16 if field == "epochs" else {}
+    differ = ", ".join(
+        f"{model} {recipe[field]}" + (f" ({cpu_note[model]} on a CPU without native bf16)" if model in cpu_note else "")
+        for model, recipe in RECIPES.items()
+        if field in recipe
+    )
     return click.option(
         flag,
         field,

@@ -4,6 +4,7 @@ tensors, the one-cycle schedule, the validation split, and the export of the new
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from itertools import pairwise
 
 import mlflow
@@ -12,15 +13,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import jobs
+from pipeline import hardware, jobs
 from pipeline.augment import augment_batch
 from pipeline.cli import cli
-from pipeline.config import RECIPES, TrainConfig, train_config
+from pipeline.config import EPOCHS_WITHOUT_NATIVE_BF16, RECIPES, TrainConfig, train_config
 from pipeline.data import load_split
 from pipeline.errors import PipelineError
+from pipeline.hardware import CpuFeatures
 from pipeline.optim import END, START, one_cycle
 from pipeline.train import setup, train
 
+NATIVE_BF16 = CpuFeatures(model="AMD EPYC (AVX512-BF16)", avx2=True, avx512=True, avx512_bf16=True)
+AVX2_ONLY = CpuFeatures(model="AMD EPYC (AVX2 only)", avx2=True)
 CHAPTER = {"epochs": 5, "batch_size": 100, "lr": 0.001, "optimizer": "adam", "schedule": "constant"}
 
 
@@ -33,7 +37,8 @@ def test_chapter_models_keep_the_chapters_recipe():
     assert "cnn" not in RECIPES and "dnn" not in RECIPES
 
 
-def test_recipe_fills_only_what_was_not_given():
+def test_recipe_fills_only_what_was_not_given(monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_features", lambda: NATIVE_BF16)  # the recipe as timed (see below)
     recipe = RECIPES["cnn_plus"]
     config = train_config("cnn_plus")
     assert all(getattr(config, k) == v for k, v in recipe.items())
@@ -42,6 +47,28 @@ def test_recipe_fills_only_what_was_not_given():
     assert (given.epochs, given.optimizer, given.hflip, given.lr) == (2, "adam", False, recipe["lr"])
     with pytest.raises(TypeError, match="unknown TrainConfig fields: epoch"):
         train_config("cnn_plus", epoch=3)
+
+
+def test_the_recipes_epochs_follow_the_cpu(monkeypatch):
+    import torch
+
+    cpu = NATIVE_BF16
+    monkeypatch.setattr(hardware, "cpu_features", lambda: cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_config("cnn_plus").epochs == RECIPES["cnn_plus"]["epochs"] == 7
+    cpu = AVX2_ONLY  # --precision auto trains in fp32 there: one epoch fewer fits the chapter CNN's time
+    fewer = train_config("cnn_plus")
+    assert fewer.epochs == EPOCHS_WITHOUT_NATIVE_BF16["cnn_plus"] == 6
+    assert fewer == replace(train_config("cnn_plus", epochs=7), epochs=6)  # nothing else of the recipe moves
+    assert train_config("cnn_plus", epochs=7).epochs == 7  # what the user gives wins
+    assert train_config("cnn_plus", device="cuda").epochs == 7  # a GPU trains the recipe in its own time
+    assert train_config("cnn").epochs == 5  # the chapter's models keep the chapter's recipe
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_config("cnn_plus").epochs == 7  # device auto picks that GPU
+    assert train_config("cnn_plus", device="cpu").epochs == 6
+    assert "cnn_plus 7 (6 on a CPU without native bf16)" in " ".join(
+        CliRunner().invoke(cli, ["train", "--help"]).output.split()
+    )
 
 
 def _configs_from_cli(monkeypatch, *argument_lists):
