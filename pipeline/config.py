@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from pipeline import hardware
 from pipeline.errors import PipelineError
 
 # Fashion-MNIST's labels in id order (the chapter's listing 5-5, in the dataset's own spelling).
@@ -245,16 +246,14 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 # A recipe's epochs on a CPU that computes bf16 only in emulation (no AVX512-BF16, no AMX: most
 # AVX2 CPUs). There `--precision auto` trains in fp32, where batch 256 gains less over the chapter's
-# batch 100 than in bf16, and the recipe's 7 epochs took 1.00-1.11x the chapter CNN's 5; 6 took
-# 0.85x, for 0.25 points less test accuracy (docs/recipe.md, "On a CPU without native bf16").
+# batch 100 than in bf16: the recipe's 7 epochs ran over the chapter CNN's 5-epoch time, and 6
+# stayed under it (docs/recipe.md, "On a CPU without native bf16").
 EPOCHS_WITHOUT_NATIVE_BF16: dict[str, int] = {"cnn_plus": 6}
 
 
-def trains_in_native_bf16(device: str) -> bool:
-    """Whether a training on `device` (auto | cpu | cuda) runs where bf16 is computed natively, or on
-    a GPU: what a recipe's epochs were timed on."""
-    from pipeline import hardware
-
+def native_bf16_or_gpu(device: str) -> bool:
+    """Whether a training on `device` (auto | cpu | cuda) runs on a CPU that computes bf16 natively,
+    or on a GPU: where a recipe's epochs were timed."""
     if device == "cuda" or hardware.cpu_features().native_bf16:
         return True
     if device == "cpu":
@@ -276,6 +275,6 @@ def train_config(model: str, **given: Any) -> TrainConfig:
         raise TypeError(f"unknown TrainConfig fields: {', '.join(sorted(unknown))}")
     chosen = {**RECIPES.get(model, {}), **{k: v for k, v in given.items() if v is not None}}
     if given.get("epochs") is None and model in EPOCHS_WITHOUT_NATIVE_BF16:
-        if not trains_in_native_bf16(chosen.get("device", TrainConfig.device)):
+        if not native_bf16_or_gpu(chosen.get("device", TrainConfig.device)):
             chosen["epochs"] = EPOCHS_WITHOUT_NATIVE_BF16[model]
     return TrainConfig(model=model, **chosen)

@@ -41,9 +41,9 @@ def pytest_collection_modifyitems(items):
 
 
 def pytest_collection_finish(session):
-    # What collection imported (torch, MLflow, the test modules: about a million objects) lives as
-    # long as the worker. Frozen, it is out of the full collections during the session and of the
-    # two pytest makes at its end to find unraisable exceptions; what the tests create is not.
+    # What collection imported (torch, MLflow, the test modules: a few hundred thousand objects)
+    # lives as long as the worker. Frozen, it is out of the full collections during the session and
+    # of the two pytest makes at its end to find unraisable exceptions; what the tests create is not.
     gc.collect()
     gc.freeze()
 

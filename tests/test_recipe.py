@@ -50,8 +50,6 @@ def test_recipe_fills_only_what_was_not_given(monkeypatch):
 
 
 def test_the_recipes_epochs_follow_the_cpu(monkeypatch):
-    import torch
-
     cpu = NATIVE_BF16
     monkeypatch.setattr(hardware, "cpu_features", lambda: cpu)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
