@@ -74,7 +74,7 @@ def main() -> None:
 
     cpu = hardware.cpu_features()
     print(
-        f"{date.today().isoformat()}, {cpu.model} ({cpu.to_dict()['summary']}): `pipeline train --model cnn "
+        f"{date.today().isoformat()}, {cpu.model} ({cpu.summary()}): `pipeline train --model cnn "
         f"--max-steps {args.steps}` (start-up, training, test evaluation, model logging, exit), medians of "
         f"{args.pairs} fresh processes each, alternating.\n"
     )
