@@ -4,15 +4,19 @@ but the last 5,000 training images and judged on those 5,000 (the validation spl
 decided nothing here; its figure is printed for reference only.
 
     .venv/bin/python scripts/ablation.py [--seed 0] [--only TEXT ...] [--out outputs/ablation.json]
+    .venv/bin/python scripts/ablation.py --step-times [--only TEXT ...]
 
 About 15 minutes a seed on a 2-core machine (--only picks the variants whose label contains TEXT).
-Tracking is off: these runs are a measurement, not results.
+Tracking is off: these runs are a measurement, not results. --step-times trains nothing to the end:
+it times the variants' training steps side by side (see step_times), for differences of time that
+the machine's swings between whole trainings would hide.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 from unittest.mock import patch
@@ -101,6 +105,48 @@ def widths(*channels: int):
 def hidden_width(units: int):
     """cnn_plus with another hidden layer width (the chosen model's is 256)."""
     return patch.object(models.FashionCNNPlus, "hidden", units)
+
+
+def dropout(p: float):
+    """cnn_plus with another dropout before its last layer (the chosen model's is 0.25)."""
+    return patch.object(models.FashionCNNPlus, "dropout", p)
+
+
+@contextmanager
+def whitening_only(kernel: int = 3, directions: int = 9, frozen: bool = False):
+    """cnn_plus's first conv reduced to its whitening filters: `kernel` x `kernel`, the `directions`
+    leading principal directions of the patches and their negatives, and nothing else, fixed. With
+    `frozen` its weight takes no gradient at all, so the backward pass stops at the first batch
+    norm: the first block's max-pool and conv run forward only, and a step takes less time (the
+    recipe's 14 trained filters need that backward)."""
+    block, build = models.conv_pool_bn_relu, models.FashionCNNPlus.__init__
+
+    def first_block(in_channels: int, out_channels: int) -> nn.Sequential:
+        layers = block(in_channels, out_channels)
+        if in_channels == models.INPUT_SHAPE[0] and kernel != layers[0].kernel_size[0]:  # the block on the image
+            layers[0] = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False)
+        return layers
+
+    def built(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        self.fixed_filters = 2 * directions
+        if frozen:
+            self.first_conv.weight.requires_grad_(False)
+
+    @torch.no_grad()
+    def initialise(self, images: torch.Tensor) -> None:
+        first = self.first_conv
+        leading = models.whitening_filters(images.to(first.weight.device), first.kernel_size)[:directions]
+        filters = torch.cat([leading, -leading])
+        first.weight[: len(filters)] = filters * first.weight.std() / filters.std()
+
+    with (
+        patch.object(models, "conv_pool_bn_relu", first_block),
+        patch.object(models.FashionCNNPlus, "widths", (2 * directions, *models.FashionCNNPlus.widths[1:])),
+        patch.object(models.FashionCNNPlus, "__init__", built),
+        patch.object(models.FashionCNNPlus, "initialise_from", initialise),
+    ):
+        yield
 
 
 @contextmanager
@@ -228,6 +274,43 @@ VARIANTS = [
     ("  peak lr 0.008 instead of 0.006", "cnn_plus", {"lr": 0.008}),
     ("  weight decay 0.1 instead of 0.05", "cnn_plus", {"weight_decay": 0.1}),
     ("  hidden layer of 512 instead of 256", "cnn_plus", {}, lambda: hidden_width(512)),
+    ("  dropout 0.1 instead of 0.25", "cnn_plus", {}, lambda: dropout(0.1)),
+    ("  dropout 0.4 instead of 0.25", "cnn_plus", {}, lambda: dropout(0.4)),
+    # The first conv reduced to its whitening filters (whitening_only), and what its saved time buys.
+    ("  first conv: only the 18 whitening filters", "cnn_plus", {}, whitening_only),
+    ("  first conv: only the 18 whitening filters, frozen", "cnn_plus", {}, lambda: whitening_only(frozen=True)),
+    (
+        "  first conv: only the 18 whitening filters, frozen, 8 epochs",
+        "cnn_plus",
+        {"epochs": 8},
+        lambda: whitening_only(frozen=True),
+    ),
+    (
+        "  first conv: only the 18 whitening filters, frozen, second conv of 80",
+        "cnn_plus",
+        {},
+        lambda: combined(widths(32, 80), whitening_only(frozen=True)),
+    ),
+    (
+        "  first conv: only the 18 whitening filters, frozen, hidden layer of 384",
+        "cnn_plus",
+        {},
+        lambda: combined(hidden_width(384), whitening_only(frozen=True)),
+    ),
+    (
+        "  first conv: only the 18 whitening filters, frozen, hidden layer of 512",
+        "cnn_plus",
+        {},
+        lambda: combined(hidden_width(512), whitening_only(frozen=True)),
+    ),
+    (
+        "  first conv: only the 18 whitening filters, frozen, batch 128, lr 0.004",
+        "cnn_plus",
+        {"batch_size": 128, "lr": 0.004},
+        lambda: whitening_only(frozen=True),
+    ),
+    ("  first conv 5x5: 12 leading directions and negatives", "cnn_plus", {}, lambda: whitening_only(5, 12)),
+    ("  first conv 5x5: 16 leading directions and negatives", "cnn_plus", {}, lambda: whitening_only(5, 16)),
     # The first recipe, and one part taken away (or changed) at a time (docs/recipe.md's first table).
     ("first recipe", "cnn_plus", FIRST, first_model),
     ("  without horizontal flips", "cnn_plus", {**FIRST, "hflip": False}, first_model),
@@ -314,6 +397,28 @@ VARIANTS = [
 ]
 
 
+def step_times(variants: list[tuple], rounds: int = 12, steps: int = 10) -> dict[str, float]:
+    """The time per training image of each variant's training step (run_epoch's, augmentation and
+    update included), in rounds of `steps` steps that take the variants in turn, so that the
+    machine's swings fall on all of them alike; the best round of each, the least disturbed."""
+    trainers = []
+    for label, model, settings, *change in variants:
+        config = train_config(
+            model, val_size=0, test_eval="never", max_steps=steps, data_dir=default_data_dir(), **settings
+        )
+        with (change[0] if change else nullcontext)():
+            trainers.append((label, change, train_stage.setup(config)))
+    best = dict.fromkeys((label for label, *_ in trainers), math.inf)
+    for round_ in range(rounds + 1):  # round 0 warms up
+        for label, change, t in trainers:
+            t.step, t.train_seconds = 0, 0.0
+            with (change[0] if change else nullcontext)():
+                train_stage.run_epoch(t)
+            if round_:
+                best[label] = min(best[label], t.train_seconds / (steps * t.global_batch))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -321,13 +426,19 @@ def main() -> None:
         "--only", action="append", default=[], help="run only the variants whose label contains this text (repeatable)"
     )
     parser.add_argument("--out", type=Path, default=Path("outputs/ablation.json"))
+    parser.add_argument("--step-times", action="store_true", help="time the variants' training steps side by side")
     args = parser.parse_args()
     keep_freed_memory()  # as the CLI does
     collect_for_a_command()  # as the CLI does
+    chosen = [v for v in VARIANTS if not args.only or any(text in v[0] for text in args.only)]
+    if args.step_times:
+        times = step_times(chosen)
+        reference = next(iter(times.values()))
+        for label, seconds in times.items():
+            print(f"{label:55s} {seconds * 1e6:6.1f} us per training image  {seconds / reference:.2f} of the first")
+        return
     rows = []
-    for label, model, settings, *change in VARIANTS:
-        if args.only and not any(text in label for text in args.only):
-            continue
+    for label, model, settings, *change in chosen:
         config = train_config(model, seed=args.seed, val_size=VAL_SIZE, data_dir=default_data_dir(), **settings)
         with (change[0] if change else nullcontext)():
             m = train(config).metrics
