@@ -431,6 +431,8 @@ def main() -> None:
     keep_freed_memory()  # as the CLI does
     collect_for_a_command()  # as the CLI does
     chosen = [v for v in VARIANTS if not args.only or any(text in v[0] for text in args.only)]
+    if not chosen:
+        parser.error(f"no variant's label contains {' or '.join(map(repr, args.only))}")
     if args.step_times:
         times = step_times(chosen)
         reference = next(iter(times.values()))
