@@ -289,7 +289,7 @@ VARIANTS = [
         "  first conv: only the 18 whitening filters, frozen, second conv of 80",
         "cnn_plus",
         {},
-        lambda: combined(widths(32, 80), whitening_only(frozen=True)),
+        lambda: combined(widths(18, 80), whitening_only(frozen=True)),
     ),
     (
         "  first conv: only the 18 whitening filters, frozen, hidden layer of 384",
