@@ -254,6 +254,13 @@ RECIPE_OPTIONS = (
         type=click.IntRange(min=0),
     ),
     _recipe_option("--hflip/--no-hflip", "hflip", "Augmentation: mirror half the training images left-right."),
+    _recipe_option(
+        "--test-eval",
+        "test_eval",
+        "When the test set is evaluated: after every epoch (a test curve), or once, at the end.",
+        # Not "never" (pipeline.tune and the bench use it): the report and the registry read the run's test accuracy.
+        type=click.Choice(("epoch", "end")),
+    ),
 )
 
 

@@ -89,18 +89,30 @@ def _configs_from_cli(monkeypatch, *argument_lists):
 
 
 def test_cli_applies_the_recipe_only_to_options_left_out(monkeypatch):
-    plain, recipe, overridden, chapter_with_flip = _configs_from_cli(
+    plain, recipe, overridden, chapter_with_flip, test_curve, test_once = _configs_from_cli(
         monkeypatch,
         ["--model", "cnn"],
         ["--model", "cnn_plus"],
         ["--model", "cnn_plus", "--label-smoothing", "0", "--no-hflip", "--schedule", "constant"],
         ["--model", "cnn", "--hflip", "--crop-pad", "1"],
+        ["--model", "cnn_plus", "--test-eval", "epoch"],
+        ["--model", "cnn", "--test-eval", "end"],
     )
     assert plain == TrainConfig(model="cnn")
     assert recipe == train_config("cnn_plus")
     assert (overridden.label_smoothing, overridden.hflip, overridden.schedule) == (0.0, False, "constant")
     assert overridden.optimizer == RECIPES["cnn_plus"]["optimizer"]  # what was not given stays the recipe's
     assert (chapter_with_flip.hflip, chapter_with_flip.crop_pad, chapter_with_flip.lr) == (True, 1, 0.001)
+    # The test set's evaluation: the recipe's once at the end, unless asked for after every epoch.
+    assert (recipe.test_eval, test_curve.test_eval, plain.test_eval, test_once.test_eval) == (
+        "end",
+        "epoch",
+        "epoch",
+        "end",
+    )
+    assert test_curve == replace(recipe, test_eval="epoch")  # nothing else of the recipe moves
+    refused = CliRunner().invoke(cli, ["train", "--model", "cnn_plus", "--test-eval", "never"])
+    assert refused.exit_code == 2 and "'never' is not one of 'epoch', 'end'" in refused.output
 
 
 @pytest.mark.parametrize(
