@@ -397,6 +397,11 @@ VARIANTS = [
 ]
 
 
+def applied(change: list):
+    """The context of a VARIANTS row's change to the model (its optional fourth item), or none."""
+    return change[0]() if change else nullcontext()
+
+
 def step_times(variants: list[tuple], rounds: int = 12, steps: int = 10) -> dict[str, float]:
     """The time per training image of each variant's training step (run_epoch's, augmentation and
     update included), in rounds of `steps` steps that take the variants in turn, so that the
@@ -406,13 +411,13 @@ def step_times(variants: list[tuple], rounds: int = 12, steps: int = 10) -> dict
         config = train_config(
             model, val_size=0, test_eval="never", max_steps=steps, data_dir=default_data_dir(), **settings
         )
-        with (change[0] if change else nullcontext)():
+        with applied(change):
             trainers.append((label, change, train_stage.setup(config)))
     best = dict.fromkeys((label for label, *_ in trainers), math.inf)
     for round_ in range(rounds + 1):  # round 0 warms up
         for label, change, t in trainers:
             t.step, t.train_seconds = 0, 0.0
-            with (change[0] if change else nullcontext)():
+            with applied(change):
                 train_stage.run_epoch(t)
             if round_:
                 best[label] = min(best[label], t.train_seconds / (steps * t.global_batch))
@@ -442,7 +447,7 @@ def main() -> None:
     rows = []
     for label, model, settings, *change in chosen:
         config = train_config(model, seed=args.seed, val_size=VAL_SIZE, data_dir=default_data_dir(), **settings)
-        with (change[0] if change else nullcontext)():
+        with applied(change):
             m = train(config).metrics
         rows.append(
             {
