@@ -112,6 +112,55 @@ def dropout(p: float):
     return patch.object(models.FashionCNNPlus, "dropout", p)
 
 
+def gelu():
+    """cnn_plus with GELU in place of every ReLU (airbench's activation)."""
+    return patch.object(nn, "ReLU", nn.GELU)
+
+
+@contextmanager
+def overlapping_pooling():
+    """cnn_plus's max-pools 3x3 with stride 2 (padded by 1: the same 28 -> 14 -> 7), as AlexNet's
+    overlapping pooling, in place of 2x2."""
+    block = models.conv_pool_bn_relu
+
+    def overlapping(in_channels: int, out_channels: int) -> nn.Sequential:
+        layers = block(in_channels, out_channels)
+        layers[1] = nn.MaxPool2d(3, stride=2, padding=1)
+        return layers
+
+    with patch.object(models, "conv_pool_bn_relu", overlapping):
+        yield
+
+
+class SqueezeExcitation(nn.Module):
+    """Each channel scaled by a gate computed from every channel's mean (Hu et al.'s SE block)."""
+
+    def __init__(self, channels: int, reduction: int = 4):
+        super().__init__()
+        self.gate = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Conv2d(channels, channels // reduction, 1),
+            nn.ReLU(),
+            nn.Conv2d(channels // reduction, channels, 1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
+@contextmanager
+def squeeze_excitation():
+    """cnn_plus with a squeeze-and-excitation gate at the end of each conv block."""
+    block = models.conv_pool_bn_relu
+
+    def gated(in_channels: int, out_channels: int) -> nn.Sequential:
+        return nn.Sequential(*block(in_channels, out_channels), SqueezeExcitation(out_channels))
+
+    with patch.object(models, "conv_pool_bn_relu", gated):
+        yield
+
+
 @contextmanager
 def whitening_only(kernel: int = 3, directions: int = 9, frozen: bool = False):
     """cnn_plus's first conv reduced to its whitening filters: `kernel` x `kernel`, the `directions`
@@ -276,6 +325,15 @@ VARIANTS = [
     ("  hidden layer of 512 instead of 256", "cnn_plus", {}, lambda: hidden_width(512)),
     ("  dropout 0.1 instead of 0.25", "cnn_plus", {}, lambda: dropout(0.1)),
     ("  dropout 0.4 instead of 0.25", "cnn_plus", {}, lambda: dropout(0.4)),
+    ("  GELU instead of ReLU", "cnn_plus", {}, gelu),
+    ("  overlapping max-pools (3x3, stride 2)", "cnn_plus", {}, overlapping_pooling),
+    ("  squeeze-and-excitation gates after each conv block", "cnn_plus", {}, squeeze_excitation),
+    (
+        "  first conv of 24 (its 18 whitening filters and 6 trained), hidden layer of 512",
+        "cnn_plus",
+        {},
+        lambda: combined(widths(24, 64), hidden_width(512)),
+    ),
     # The first conv reduced to its whitening filters (whitening_only), and what its saved time buys.
     ("  first conv: only the 18 whitening filters", "cnn_plus", {}, whitening_only),
     ("  first conv: only the 18 whitening filters, frozen", "cnn_plus", {}, lambda: whitening_only(frozen=True)),
