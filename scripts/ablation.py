@@ -6,7 +6,8 @@ decided nothing here; its figure is printed for reference only.
     .venv/bin/python scripts/ablation.py [--seed 0] [--only TEXT ...] [--out outputs/ablation.json]
     .venv/bin/python scripts/ablation.py --step-times [--only TEXT ...]
 
-About 15 minutes a seed on a 2-core machine (--only picks the variants whose label contains TEXT).
+A row is a training of about a minute on a 2-core machine, so one seed of every row takes about an
+hour (--only picks the variants whose label contains TEXT).
 Tracking is off: these runs are a measurement, not results. --step-times trains nothing to the end:
 it times the variants' training steps side by side (see step_times), for differences of time that
 the machine's swings between whole trainings would hide.
