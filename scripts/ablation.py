@@ -25,6 +25,7 @@ from unittest.mock import patch
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import SqueezeExcitation
 
 from pipeline import distributed, models
 from pipeline import train as train_stage
@@ -133,30 +134,14 @@ def overlapping_pooling():
         yield
 
 
-class SqueezeExcitation(nn.Module):
-    """Each channel scaled by a gate computed from every channel's mean (Hu et al.'s SE block)."""
-
-    def __init__(self, channels: int, reduction: int = 4):
-        super().__init__()
-        self.gate = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Conv2d(channels, channels // reduction, 1),
-            nn.ReLU(),
-            nn.Conv2d(channels // reduction, channels, 1),
-            nn.Sigmoid(),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gate(x)
-
-
 @contextmanager
 def squeeze_excitation():
-    """cnn_plus with a squeeze-and-excitation gate at the end of each conv block."""
+    """cnn_plus with a squeeze-and-excitation gate (Hu et al.: each channel scaled by a gate computed
+    from every channel's mean, squeezed to a quarter of them) at the end of each conv block."""
     block = models.conv_pool_bn_relu
 
     def gated(in_channels: int, out_channels: int) -> nn.Sequential:
-        return nn.Sequential(*block(in_channels, out_channels), SqueezeExcitation(out_channels))
+        return nn.Sequential(*block(in_channels, out_channels), SqueezeExcitation(out_channels, out_channels // 4))
 
     with patch.object(models, "conv_pool_bn_relu", gated):
         yield
