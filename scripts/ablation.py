@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager, nullcontext
+from functools import partial
 from pathlib import Path
 from unittest.mock import patch
 
@@ -114,9 +116,9 @@ def dropout(p: float):
     return patch.object(models.FashionCNNPlus, "dropout", p)
 
 
-def gelu():
-    """cnn_plus with GELU in place of every ReLU (airbench's activation)."""
-    return patch.object(nn, "ReLU", nn.GELU)
+def activation(make: Callable[[], nn.Module]):
+    """cnn_plus with `make()` in place of every ReLU (in both conv blocks and the hidden layer)."""
+    return patch.object(nn, "ReLU", make)
 
 
 @contextmanager
@@ -311,7 +313,8 @@ VARIANTS = [
     ("  hidden layer of 512 instead of 256", "cnn_plus", {}, lambda: hidden_width(512)),
     ("  dropout 0.1 instead of 0.25", "cnn_plus", {}, lambda: dropout(0.1)),
     ("  dropout 0.4 instead of 0.25", "cnn_plus", {}, lambda: dropout(0.4)),
-    ("  GELU instead of ReLU", "cnn_plus", {}, gelu),
+    ("  GELU instead of ReLU", "cnn_plus", {}, lambda: activation(nn.GELU)),  # airbench's
+    ("  leaky ReLU (0.1) instead of ReLU", "cnn_plus", {}, lambda: activation(partial(nn.LeakyReLU, 0.1))),
     ("  overlapping max-pools (3x3, stride 2)", "cnn_plus", {}, overlapping_pooling),
     ("  squeeze-and-excitation gates after each conv block", "cnn_plus", {}, squeeze_excitation),
     (
