@@ -122,31 +122,29 @@ def activation(make: Callable[[], nn.Module]):
 
 
 @contextmanager
+def each_block(change: Callable[[nn.Sequential, int, int], nn.Sequential]):
+    """cnn_plus with `change(block, in_channels, out_channels)` made of each conv block that
+    models.conv_pool_bn_relu builds (as it is on entering: changes stack)."""
+    block = models.conv_pool_bn_relu
+    with patch.object(models, "conv_pool_bn_relu", lambda c_in, c_out: change(block(c_in, c_out), c_in, c_out)):
+        yield
+
+
 def overlapping_pooling():
     """cnn_plus's max-pools 3x3 with stride 2 (padded by 1: the same 28 -> 14 -> 7), as AlexNet's
     overlapping pooling, in place of 2x2."""
-    block = models.conv_pool_bn_relu
 
-    def overlapping(in_channels: int, out_channels: int) -> nn.Sequential:
-        layers = block(in_channels, out_channels)
+    def overlapping(layers: nn.Sequential, in_channels: int, out_channels: int) -> nn.Sequential:
         layers[1] = nn.MaxPool2d(3, stride=2, padding=1)
         return layers
 
-    with patch.object(models, "conv_pool_bn_relu", overlapping):
-        yield
+    return each_block(overlapping)
 
 
-@contextmanager
 def squeeze_excitation():
     """cnn_plus with a squeeze-and-excitation gate (Hu et al.: each channel scaled by a gate computed
     from every channel's mean, squeezed to a quarter of them) at the end of each conv block."""
-    block = models.conv_pool_bn_relu
-
-    def gated(in_channels: int, out_channels: int) -> nn.Sequential:
-        return nn.Sequential(*block(in_channels, out_channels), SqueezeExcitation(out_channels, out_channels // 4))
-
-    with patch.object(models, "conv_pool_bn_relu", gated):
-        yield
+    return each_block(lambda layers, _, c_out: nn.Sequential(*layers, SqueezeExcitation(c_out, c_out // 4)))
 
 
 @contextmanager
@@ -156,10 +154,9 @@ def whitening_only(kernel: int = 3, directions: int = 9, frozen: bool = False):
     `frozen` its weight takes no gradient at all, so the backward pass stops at the first batch
     norm: the first block's max-pool and conv run forward only, and a step takes less time (the
     recipe's 14 trained filters need that backward)."""
-    block, build = models.conv_pool_bn_relu, models.FashionCNNPlus.__init__
+    build = models.FashionCNNPlus.__init__
 
-    def first_block(in_channels: int, out_channels: int) -> nn.Sequential:
-        layers = block(in_channels, out_channels)
+    def first_block(layers: nn.Sequential, in_channels: int, out_channels: int) -> nn.Sequential:
         if in_channels == models.INPUT_SHAPE[0] and kernel != layers[0].kernel_size[0]:  # the block on the image
             layers[0] = nn.Conv2d(in_channels, out_channels, kernel, padding=kernel // 2, bias=False)
         return layers
@@ -178,7 +175,7 @@ def whitening_only(kernel: int = 3, directions: int = 9, frozen: bool = False):
         first.weight[: len(filters)] = filters * first.weight.std() / filters.std()
 
     with (
-        patch.object(models, "conv_pool_bn_relu", first_block),
+        each_block(first_block),
         patch.object(models.FashionCNNPlus, "widths", (2 * directions, *models.FashionCNNPlus.widths[1:])),
         patch.object(models.FashionCNNPlus, "__init__", built),
         patch.object(models.FashionCNNPlus, "initialise_from", initialise),
